@@ -1,0 +1,275 @@
+"""Frozen config dataclasses, loaded from YAML and overridden by `section.key=value`."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpt2_jax.errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+POS_EMBEDDINGS = ("learned", "rope")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn")
+
+
+class ConfigError(UserError):
+    """A config value that cannot work."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one GPT-2 variant; names match HF GPT-2 where they exist."""
+
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None = n_head (MHA); 1 = MQA
+    n_embd: int = 768
+    max_seq_len: int = 1024  # size of the learned position table
+    pos_embedding: str = "learned"  # "learned" | "rope"
+    rope_theta: float = 10000.0
+    attention_window: int | None = None  # w: token i sees j with i - w < j <= i
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    layer_norm_eps: float = 1e-5
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    attention_impl: str = "auto"  # "auto" | "xla" | "blocked" | "cudnn"
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                "pick n_head dividing n_embd"
+            )
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(
+                f"model.n_head={self.n_head} is not divisible by model.n_kv_head="
+                f"{self.n_kv_head}; pick n_kv_head dividing n_head (1 = MQA)"
+            )
+        if self.pos_embedding not in POS_EMBEDDINGS:
+            raise ConfigError(
+                f"unknown model.pos_embedding={self.pos_embedding!r}; use one of {POS_EMBEDDINGS}"
+            )
+        if self.pos_embedding == "rope" and self.head_dim % 2:
+            raise ConfigError(
+                f"RoPE needs an even head dim, got n_embd/n_head={self.head_dim}; "
+                "change n_embd or n_head"
+            )
+        if self.attention_window is not None and self.attention_window <= 0:
+            raise ConfigError(
+                f"model.attention_window must be a positive int or null, got "
+                f"{self.attention_window}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}; use one of {DTYPES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"unknown model.attention_impl={self.attention_impl!r}; use one of "
+                f"{ATTENTION_IMPLS}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training text comes from and how it is tokenised."""
+
+    source: str = "shakespeare"  # name, path/glob, .jsonl/.json/.parquet, or hf:<name>[:<cfg>]
+    prepared_dir: str | None = None  # None = <train.out_dir>/data
+    val_fraction: float = 0.05
+    text_field: str = "text"
+    decode_errors: str = "strict"  # "strict" | "replace"
+    streaming: bool = False
+    shuffle_buffer: int = 0  # streaming only; 0 = no shuffle
+    num_threads: int = 0  # 0 = os.cpu_count()
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule, logging and run-directory settings."""
+
+    batch_size: int = 16  # global, in sequences
+    seq_len: int = 256
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # global norm; 0 = off
+    seed: int = 0
+    eval_every: int = 250
+    eval_steps: int = 20
+    log_every: int = 10
+    sample_every: int = 0  # 0 = never
+    out_dir: str = "out"
+    remat: str = "none"  # "none" | "block" | "dots"
+    resume: bool = True
+    overwrite: bool = False
+    skip_nonfinite: bool = False
+    peak_flops: float | None = None  # per device; None = table or CPU probe
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh; -1 takes the devices left over."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    distributed: str = "auto"  # "auto" | "on" | "off"
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: str = "disabled"  # "disabled" | "offline" | "online"
+    project: str = "gpt2-jax"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`, converting the few lossless cases."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{key} expects {name}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; valid keys: {', '.join(sorted(names))}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build a validated `Config` from nested plain data; unknown keys are errors."""
+    return _build(Config, data, "")
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    return _build(ModelConfig, data, "model")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` → (['section', 'key'], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be section.key, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read `path` (YAML; None = all defaults) and apply `section.key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found; see configs/ for examples")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        sec = data.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise ConfigError(f"config section {section!r} is not a mapping")
+        sec[key] = value
+    return config_from_dict(data)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config dataclass (for YAML / JSON / checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,28 @@
+"""User-facing errors and the CLI wrapper that prints them as one line."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable[..., int | None])
+
+
+class UserError(ValueError):
+    """Bad input from the user: printed as one line, no traceback, exit code 2."""
+
+
+def cli_main(fn: F) -> F:
+    """Wrap a CLI entry point so a `UserError` becomes `error: ...` on stderr and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,5 @@
+"""Plain PyTorch reference of the gpt2_jax variants, with Hugging Face GPT-2 weight names."""
+
+from gpt2_torch_ref.model import GPT, RefConfig
+
+__all__ = ["GPT", "RefConfig"]
