@@ -1,0 +1,25 @@
+"""Load a model for evaluation or generation from whatever a user points at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpt2_jax.errors import UserError
+from gpt2_jax.hf_format import is_hf_folder, load_hf_folder
+from gpt2_jax.model import GPT
+
+
+def load_model(path: str | Path, **overrides) -> GPT:
+    """Weights only, from an HF-format folder (written by `convert`), a training run's
+    `out_dir` (its newest complete checkpoint) or one checkpoint directory.
+
+    `overrides` set ModelConfig fields that do not change the weights (dtype, attention_impl).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint {str(p)!r} does not exist")
+    if is_hf_folder(p):
+        return load_hf_folder(p, **overrides)
+    from gpt2_jax import checkpoint
+
+    return checkpoint.load_model_weights(p, **overrides)

@@ -1,0 +1,33 @@
+"""The GPT-2 byte-pair encoding, through tiktoken."""
+
+from __future__ import annotations
+
+import functools
+
+import tiktoken
+
+from gpt2_jax.errors import UserError
+
+EOT = 50256  # <|endoftext|>
+VOCAB_SIZE = 50257
+
+
+@functools.cache
+def encoding() -> tiktoken.Encoding:
+    """tiktoken's `gpt2` encoding; a one-line error when its files can be neither read nor fetched."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises requests/OSError subclasses when offline
+        raise UserError(
+            "cannot load tiktoken's gpt2 encoding (no network and no cache); set "
+            f"TIKTOKEN_CACHE_DIR to a folder holding its files ({type(e).__name__})"
+        ) from None
+
+
+def encode(text: str) -> list[int]:
+    """Token ids of `text`, special tokens treated as plain text."""
+    return encoding().encode_ordinary(text)
+
+
+def decode(tokens) -> str:
+    return encoding().decode(list(tokens))
