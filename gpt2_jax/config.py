@@ -213,7 +213,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key {full!r}; valid keys: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown config key {full!r}; valid keys: {', '.join(sorted(names))}"
+            )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, full)

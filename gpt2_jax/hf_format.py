@@ -59,13 +59,23 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
 def model_config_from_hf(d: dict, **overrides) -> ModelConfig:
     """ModelConfig from a GPT-2 config.json dict (ours or transformers')."""
     if d.get("model_type", "gpt2") != "gpt2":
-        raise UserError(f"config.json has model_type={d.get('model_type')!r}; only gpt2 is supported")
+        raise UserError(
+            f"config.json has model_type={d.get('model_type')!r}; only gpt2 is supported"
+        )
     if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(
             f"activation_function={d['activation_function']!r} is not GPT-2's tanh GELU"
         )
     if d.get("n_inner") not in (None, 4 * d.get("n_embd", 0)):
         raise UserError(f"n_inner={d['n_inner']} is not 4·n_embd; not supported")
+    # transformers GPT-2 options that change the computation and that our model lacks.
+    for key, supported in (
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("add_cross_attention", False),
+    ):
+        if key in d and bool(d[key]) != supported:
+            raise UserError(f"config.json sets {key}={d[key]}; only {supported} is supported")
     try:
         kwargs = dict(
             vocab_size=d["vocab_size"],
@@ -133,7 +143,9 @@ def save_hf_folder(model: GPT, path: str | Path) -> Path:
 
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in to_hf_state_dict(model).items()}
+    tensors = {
+        k: np.ascontiguousarray(v, dtype=np.float32) for k, v in to_hf_state_dict(model).items()
+    }
     save_file(tensors, str(p / "model.safetensors"), metadata={"format": "pt"})
     (p / "config.json").write_text(json.dumps(hf_config_dict(model.cfg), indent=2) + "\n")
     return p

@@ -104,7 +104,9 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         self.c_fc = _dense(cfg, cfg.n_embd, 4 * cfg.n_embd, 0.02, ("embed", "mlp"), rngs=rngs)
-        self.c_proj = _dense(cfg, 4 * cfg.n_embd, cfg.n_embd, resid_std, ("mlp", "embed"), rngs=rngs)
+        self.c_proj = _dense(
+            cfg, 4 * cfg.n_embd, cfg.n_embd, resid_std, ("mlp", "embed"), rngs=rngs
+        )
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:

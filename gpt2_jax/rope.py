@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 
 
-def rope_angles(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_angles(
+    positions_BT: jax.Array, head_dim: int, theta: float
+) -> tuple[jax.Array, jax.Array]:
     """cos and sin of pos · θ^(−2i/d), each [B, T, head_dim] with the half repeated, in fp32."""
     inv_freq_F = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angle_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq_F

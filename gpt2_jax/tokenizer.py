@@ -14,7 +14,7 @@ VOCAB_SIZE = 50257
 
 @functools.cache
 def encoding() -> tiktoken.Encoding:
-    """tiktoken's `gpt2` encoding; a one-line error when its files can be neither read nor fetched."""
+    """tiktoken's `gpt2` encoding; one-line error when its files can be neither read nor fetched."""
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises requests/OSError subclasses when offline

@@ -22,7 +22,9 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 def _param_table(model: GPT) -> dict[str, tuple[nnx.Param, bool]]:
     """HF name → (our parameter, whether the HF array is the transpose of ours)."""
-    table: dict[str, tuple[nnx.Param, bool]] = {"transformer.wte.weight": (model.wte.embedding, False)}
+    table: dict[str, tuple[nnx.Param, bool]] = {
+        "transformer.wte.weight": (model.wte.embedding, False)
+    }
     if model.cfg.pos_embedding == "learned":
         table["transformer.wpe.weight"] = (model.wpe.embedding, False)
 
@@ -90,10 +92,14 @@ def load_hf_state_dict(model: GPT, state: Mapping[str, object], *, strict: bool 
                 f"shape mismatch for {name}: checkpoint {tuple(arr.shape)} vs model "
                 f"{tuple(param.shape)}; check the config matches the checkpoint"
             )
-        param.value = jnp.asarray(arr, dtype=param.dtype)
+        param.set_value(jnp.asarray(arr, dtype=param.dtype))
 
 
 def _to_numpy(x: object) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch
-        x = x.detach().float().cpu().numpy() if str(x.dtype) == "torch.bfloat16" else x.detach().cpu().numpy()
+        x = (
+            x.detach().float().cpu().numpy()
+            if str(x.dtype) == "torch.bfloat16"
+            else x.detach().cpu().numpy()
+        )
     return np.asarray(x)
