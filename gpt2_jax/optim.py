@@ -1,0 +1,39 @@
+"""AdamW with GPT-2's decay mask, linear warmup + cosine schedule, global-norm clipping."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from gpt2_jax.config import TrainConfig
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """0 → lr linearly over warmup_steps, then cosine to min_lr at max_steps, then flat."""
+    warmup = max(cfg.warmup_steps, 0)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=warmup,
+        decay_steps=max(cfg.max_steps, warmup + 1),
+        end_value=cfg.min_lr,
+    )
+
+
+def decay_mask(params):
+    """Weight decay on matrices and embeddings (ndim ≥ 2), not on biases and LayerNorm."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(
+        lr_schedule(cfg),
+        b1=cfg.beta1,
+        b2=cfg.beta2,
+        eps=1e-8,
+        weight_decay=cfg.weight_decay,
+        mask=decay_mask,
+    )
+    if cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return adamw

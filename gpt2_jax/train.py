@@ -1,0 +1,380 @@
+"""`python -m gpt2_jax.train [--config FILE] [section.key=value ...]`: train a GPT-2 variant.
+
+With no arguments it trains configs/default.yaml on the built-in Shakespeare plays. Starting
+in an out_dir that has checkpoints resumes from the newest good one. SIGTERM / SIGINT finish
+the current step, save and exit 0; a second SIGINT aborts at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from gpt2_jax import distributed, sharding
+from gpt2_jax.checkpoint import Checkpointer, check_same_architecture, warn
+from gpt2_jax.config import Config, ConfigError, dump_yaml, load_config, to_dict
+from gpt2_jax.errors import UserError, cli_main
+from gpt2_jax.metrics import (
+    MetricsWriter,
+    Wandb,
+    flops_per_token,
+    peak_flops_per_device,
+    plot_loss_curve,
+)
+from gpt2_jax.model import count_params
+from gpt2_jax.train_step import Trainer
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+SAMPLE_PROMPT = "\n"
+EVAL_SEED_OFFSET = 1_000_003  # val batches never share the training seed
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path as given, else a name under configs/ (with or without .yaml)."""
+    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return Path(name)
+
+
+def validate(cfg: Config) -> None:
+    """Refuse settings that cannot train, before anything is built or written."""
+    t, m = cfg.train, cfg.model
+    if t.batch_size <= 0 or t.grad_accum <= 0 or t.seq_len <= 0 or t.max_steps <= 0:
+        raise ConfigError("train.batch_size, grad_accum, seq_len and max_steps must be positive")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum="
+            f"{t.grad_accum}; the batch is split into grad_accum equal micro-batches"
+        )
+    if m.pos_embedding == "learned" and t.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len} with learned "
+            "positions; lower train.seq_len or raise model.max_seq_len"
+        )
+    for key in ("eval_every", "log_every", "sample_every", "eval_steps"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
+        raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+    if cfg.wandb.mode not in ("disabled", "offline", "online"):
+        raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}; use disabled, offline or online")
+
+
+def prepare_out_dir(cfg: Config) -> Path:
+    out = Path(cfg.train.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"train.out_dir {str(out)!r} is not writable ({e.strerror}); choose another"
+        ) from None
+    return out
+
+
+class StopRequest:
+    """SIGTERM / first SIGINT: finish the step, save, exit 0. Second SIGINT: abort now."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name}: finishing this step, then saving…", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def make_loaders(cfg: Config, prepared_dir: Path):
+    from gpt2_jax import data
+
+    t = cfg.train
+    train_loader = data.make_train_loader(
+        cfg.data,
+        prepared_dir,
+        seed=t.seed,
+        batch_size=t.batch_size,
+        seq_len=t.seq_len,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    val = data.TokenDataset(prepared_dir / "val.bin")
+    return train_loader, val
+
+
+def evaluate(trainer: Trainer, params, val, cfg: Config, batch_size: int) -> float:
+    from gpt2_jax.data import get_batch
+
+    losses = []
+    for i in range(cfg.train.eval_steps):
+        x, y = get_batch(
+            val,
+            seed=cfg.train.seed + EVAL_SEED_OFFSET,
+            step=i,
+            batch_size=batch_size,
+            seq_len=cfg.train.seq_len,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        losses.append(trainer.eval_loss(params, *trainer.shard_batch(x, y)))
+    return float(np.mean(jax.device_get(losses)))
+
+
+def sample_text(trainer: Trainer, params, cfg: Config, max_new_tokens: int = 64) -> str:
+    from gpt2_jax.generate import generate
+    from gpt2_jax.tokenizer import decode, encode
+
+    model = trainer.model(jax.device_get(params))
+    tokens = generate(
+        model, encode(SAMPLE_PROMPT), max_new_tokens=max_new_tokens, temperature=0.8, top_k=200,
+        seed=cfg.train.seed,
+    )  # fmt: skip
+    return SAMPLE_PROMPT + decode(tokens[0].tolist())
+
+
+def unigram_baseline(prepared_dir: Path) -> float | None:
+    """Val cross-entropy (nats/token) of the add-one-smoothed train unigram distribution."""
+    try:
+        train = np.memmap(prepared_dir / "train.bin", dtype=np.uint16, mode="r")
+        val = np.memmap(prepared_dir / "val.bin", dtype=np.uint16, mode="r")
+    except (OSError, ValueError):
+        return None
+    counts = np.bincount(train, minlength=65536).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[val].mean()) if len(val) else None
+
+
+def train(cfg: Config, *, inject_nan_step: int | None = None) -> dict:
+    """Run (or resume) training as configured; returns a summary dict."""
+    validate(cfg)
+    distributed.initialize(cfg.mesh)
+    is_main = jax.process_index() == 0
+    out = prepare_out_dir(cfg)
+    t = cfg.train
+    ckpt = Checkpointer(out, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    try:
+        existing = ckpt.steps()
+        if existing and not t.resume:
+            if not t.overwrite:
+                raise UserError(
+                    f"{out} already has checkpoints (steps {existing}); resume with "
+                    "train.resume=true, or start over with train.resume=false "
+                    "train.overwrite=true, or pick another train.out_dir"
+                )
+            ckpt.close()
+            if is_main:
+                shutil.rmtree(ckpt.directory)
+                (out / "metrics.jsonl").unlink(missing_ok=True)
+            ckpt = Checkpointer(out, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+        return _run(cfg, out, ckpt, inject_nan_step)
+    finally:
+        ckpt.close()
+
+
+def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step: int | None) -> dict:
+    from gpt2_jax.data import prepare_source
+
+    t, is_main = cfg.train, jax.process_index() == 0
+    mesh = sharding.make_mesh(cfg.mesh)
+    trainer = Trainer(cfg.model, t, mesh, inject_nan_step=inject_nan_step)
+
+    prepared_dir = Path(cfg.data.prepared_dir or out / "data")
+    meta = prepare_source(cfg.data, prepared_dir, show_progress=is_main, seq_len=t.seq_len)
+    loader, val = make_loaders(cfg, prepared_dir)
+    if is_main:
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+
+    start = 0
+    target = jax.eval_shape(trainer.init_state)
+    restored = ckpt.restore_latest(target) if ckpt.steps() else None
+    if restored is not None:
+        state, saved_meta, start = restored
+        check_same_architecture(saved_meta["model"], cfg.model)
+        if saved_meta.get("data_state") is not None:
+            loader.load_state_dict(saved_meta["data_state"])
+        print(f"resuming from {ckpt.directory / str(start)} (step {start})", file=sys.stderr)
+    else:
+        state = trainer.init_state()
+
+    n_params = count_params(trainer.model(state.params))
+    n_flop_params = count_params(trainer.model(state.params), exclude_positions=True)
+    tokens_per_step = t.batch_size * t.seq_len
+    flops_per_step = flops_per_token(cfg.model, n_flop_params, t.seq_len) * tokens_per_step
+    peak, peak_source = peak_flops_per_device(t.peak_flops)
+    peak_total = peak * jax.device_count()
+    if is_main:
+        print(
+            f"model: {n_params / 1e6:.2f}M parameters | mesh {dict(mesh.shape)} | "
+            f"{meta.get('tokens', {}).get('train', '?')} train tokens | peak "
+            f"{peak / 1e9:.1f} GFLOP/s per device ({peak_source})",
+            file=sys.stderr,
+        )
+
+    writer = MetricsWriter(out / "metrics.jsonl", enabled=is_main, resume_step=start)
+    wandb_run = Wandb(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name, out, to_dict(cfg))
+    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    eval_bs = max(n_shards, (t.batch_size // t.grad_accum) // n_shards * n_shards)
+
+    def meta_for_save() -> dict:
+        return {"model": to_dict(cfg.model), "train": to_dict(t), "data_state": loader.state_dict()}
+
+    def save() -> None:
+        ckpt.save(state, meta_for_save())
+
+    last_val = None
+    pending = None  # (step, metrics) of the step before: checked one behind, keeps the queue full
+    interval_start, interval_steps, data_time = time.perf_counter(), 0, 0.0
+    bar = tqdm(total=t.max_steps, initial=start, disable=not is_main, dynamic_ncols=True,
+               desc="train", file=sys.stderr)  # fmt: skip
+    step = start
+
+    def check(prev) -> None:
+        nonlocal interval_start, interval_steps, data_time
+        prev_step, metrics = prev
+        m = jax.device_get(metrics)
+        if not m["finite"]:
+            if not t.skip_nonfinite:
+                good = ckpt.steps()
+                raise UserError(
+                    f"non-finite loss or gradient at step {prev_step} (the update was not "
+                    f"applied); last good checkpoint: "
+                    f"{ckpt.directory / str(good[-1]) if good else 'none'}; lower train.lr or "
+                    "set train.skip_nonfinite=true"
+                )
+            warn(f"step {prev_step}: non-finite loss or gradient, update skipped")
+        if t.log_every and (prev_step % t.log_every == 0 or prev_step == t.max_steps):
+            jax.block_until_ready(state.step)
+            elapsed = time.perf_counter() - interval_start
+            step_time = elapsed / max(interval_steps, 1)
+            tok_s = tokens_per_step / step_time
+            record = {
+                "step": prev_step,
+                "loss": float(m["loss"]),
+                "lr": float(m["lr"]),
+                "grad_norm": float(m["grad_norm"]),
+                "tokens_per_sec": tok_s,
+                "mfu": flops_per_step / step_time / peak_total,
+                "step_time": step_time,
+                "data_time": data_time / max(interval_steps, 1),
+                "skipped": int(jax.device_get(state.skipped)),
+            }
+            writer.write(record)
+            wandb_run.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
+                            mfu=f"{record['mfu']:.1%}")  # fmt: skip
+            interval_start, interval_steps, data_time = time.perf_counter(), 0, 0.0
+
+    with StopRequest() as stop:
+        while step < t.max_steps:
+            t0 = time.perf_counter()
+            x, y = loader.batch(step)
+            data_time += time.perf_counter() - t0
+            state, metrics = trainer.step(state, *trainer.shard_batch(x, y))
+            step += 1
+            interval_steps += 1
+            if pending is not None:
+                check(pending)
+            pending = (step, metrics)
+            bar.update(1)
+            at_end = step == t.max_steps
+            if t.eval_every and (step % t.eval_every == 0 or at_end):
+                check(pending)
+                pending = None
+                last_val = evaluate(trainer, state.params, val, cfg, eval_bs)
+                record = {"step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)}
+                writer.write(record)
+                wandb_run.log(record)
+                bar.write(f"step {step}: val loss {last_val:.4f}, ppl {math.exp(last_val):.2f}")
+            if t.sample_every and step % t.sample_every == 0 and is_main:
+                text = sample_text(trainer, state.params, cfg)
+                bar.write(f"--- sample at step {step} ---\n{text}")
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                if pending is not None:
+                    check(pending)  # never checkpoint a run that just went non-finite
+                    pending = None
+                save()
+            if stop.requested and not at_end:
+                if pending is not None:
+                    check(pending)
+                save()
+                ckpt.wait()
+                bar.close()
+                print(f"{stop.signal_name}: saved step {step} to {ckpt.directory / str(step)}; "
+                      "run the same command to resume", file=sys.stderr)  # fmt: skip
+                return {"stopped_at": step, "checkpoint": str(ckpt.directory / str(step))}
+        if pending is not None:
+            check(pending)
+        save()
+        ckpt.wait()
+    bar.close()
+
+    png = plot_loss_curve(out / "metrics.jsonl", out / "loss.png", out.name) if is_main else None
+    wandb_run.finish()
+    summary = {
+        "steps": step,
+        "params": n_params,
+        "val_loss": last_val,
+        "val_ppl": math.exp(last_val) if last_val is not None else None,
+        "unigram_baseline_loss": unigram_baseline(prepared_dir),
+        "loss_png": str(png) if png else None,
+        "checkpoint": str(ckpt.directory / str(step)),
+        "skipped_nonfinite": int(jax.device_get(state.skipped)),
+    }
+    if is_main:
+        print("summary: " + yaml.safe_dump(summary, sort_keys=False, width=200).strip()
+              .replace("\n", " | "), file=sys.stderr)  # fmt: skip
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m gpt2_jax.train",
+        description="Train a GPT-2 variant. Overrides are section.key=value, values parsed as "
+        "YAML scalars (null, true, 3e-4, [1, 2]).",
+    )
+    p.add_argument("--config", default="default", help="YAML file or a name in configs/")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    nan_step = os.environ.get("GPT2_JAX_INJECT_NAN_AT_STEP")  # test hook: poison one step
+    train(cfg, inject_nan_step=int(nan_step) if nan_step else None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""The jitted train and eval steps: pure functions of (state, batch) with explicit shardings."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gpt2_jax import sharding
+from gpt2_jax.config import ModelConfig, TrainConfig
+from gpt2_jax.model import GPT, cross_entropy
+from gpt2_jax.optim import lr_schedule, make_optimizer
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: updates applied or skipped so far
+    params: Any  # nnx.State of Params, fp32
+    opt_state: Any
+    skipped: jax.Array  # int32 scalar: non-finite updates skipped
+
+
+class Trainer:
+    """Builds the model's graph, shardings, optimizer and the compiled step functions.
+
+    The dropout key of micro-batch m at step s is fold_in(fold_in(seed, s), m), so the whole
+    random state of a run is (seed, step): nothing else needs checkpointing.
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        mesh: Mesh,
+        *,
+        inject_nan_step: int | None = None,
+    ):
+        sharding.check_heads(model_cfg.n_head, mesh)
+        sharding.check_batch(train_cfg.batch_size, mesh)
+        self.model_cfg, self.cfg, self.mesh = model_cfg, train_cfg, mesh
+        self.tx = make_optimizer(train_cfg)
+        self.schedule = lr_schedule(train_cfg)
+        self.trace_count = 0  # how many times the train step was traced (compiled)
+        self.inject_nan_step = inject_nan_step  # test hook: that step's loss becomes NaN
+
+        def build(cfg: ModelConfig = model_cfg) -> GPT:
+            return GPT(cfg, rngs=nnx.Rngs(train_cfg.seed), remat=train_cfg.remat)
+
+        self._build = build
+        abstract = nnx.eval_shape(build)
+        self.graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+        abstract.eval()  # dropout off for evaluation
+        self.eval_graphdef = nnx.split(abstract, nnx.Param, ...)[0]
+        # Non-parameter state (dropout RNG streams) is tiny and reseeded every step; under jit
+        # the unused parameter initialisers are dead code, so this allocates no weights.
+        self.rest = jax.jit(
+            lambda: nnx.split(build(), nnx.Param, ...)[2],
+            out_shardings=NamedSharding(mesh, PartitionSpec()),
+        )()
+
+        rules = sharding.rules_for(model_cfg.n_kv_head, mesh)
+        self.param_specs = sharding.param_specs(abstract_params, mesh, rules)
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        opt_specs = sharding.opt_state_specs(self.tx, abstract_opt, self.param_specs)
+        scalar = PartitionSpec()
+        self.state_specs = TrainState(scalar, self.param_specs, opt_specs, scalar)
+        self.state_shardings = sharding.named(mesh, self.state_specs)
+        self.batch_sharding = NamedSharding(mesh, sharding.batch_spec())
+        self.metric_sharding = NamedSharding(mesh, scalar)
+
+        self.init_state = jax.jit(self._init, out_shardings=self.state_shardings)
+        self.step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
+            out_shardings=(self.state_shardings, self.metric_sharding),
+            donate_argnums=(0,),
+        )
+        self.eval_loss = jax.jit(
+            self._eval_loss,
+            in_shardings=(self.state_shardings.params, self.batch_sharding, self.batch_sharding),
+            out_shardings=self.metric_sharding,
+        )
+
+    # -- pure functions -------------------------------------------------------------------
+
+    def _init(self) -> TrainState:
+        params = nnx.split(self._build(), nnx.Param, ...)[1]
+        params = jax.lax.with_sharding_constraint(params, self.state_shardings.params)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(zero, params, self.tx.init(params), zero)
+
+    def _loss(self, params, key, x_BT, y_BT):
+        # A fresh copy of the RNG state, so reseeding mutates Variables of this trace.
+        model = nnx.merge(self.graphdef, params, jax.tree.map(lambda a: a, self.rest))
+        if self.model_cfg.dropout > 0:
+            nnx.reseed(model, default=key)
+        return cross_entropy(model(x_BT), y_BT)
+
+    def _train_step(self, state: TrainState, x_BT, y_BT):
+        self.trace_count += 1
+        A = self.cfg.grad_accum
+        B, T = x_BT.shape
+        # Micro-batch a takes rows a, a+A, a+2A, …: each device keeps its own rows, no shuffle.
+        micro_sharding = NamedSharding(self.mesh, PartitionSpec(None, *sharding.batch_spec()))
+        x_ABT = jax.lax.with_sharding_constraint(
+            x_BT.reshape(B // A, A, T).swapaxes(0, 1), micro_sharding
+        )
+        y_ABT = jax.lax.with_sharding_constraint(
+            y_BT.reshape(B // A, A, T).swapaxes(0, 1), micro_sharding
+        )
+        step_key = jax.random.fold_in(jax.random.key(self.cfg.seed), state.step)
+        grad_fn = jax.value_and_grad(self._loss)
+
+        def micro(carry, inputs):
+            loss_sum, grad_sum = carry
+            m, x, y = inputs
+            loss, grads = grad_fn(state.params, jax.random.fold_in(step_key, m), x, y)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(
+            micro, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(A), x_ABT, y_ABT)
+        )
+        loss = loss_sum / A
+        if self.inject_nan_step is not None:
+            poison = jnp.where(state.step == self.inject_nan_step, jnp.nan, 0.0)
+            loss, grad_sum = loss + poison, jax.tree.map(lambda g: g + poison, grad_sum)
+        grads = jax.tree.map(lambda g: g / A, grad_sum)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        # A non-finite update is never applied; the host stops or counts it (skip_nonfinite).
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": self.schedule(state.step),
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    def _eval_loss(self, params, x_BT, y_BT):
+        return cross_entropy(nnx.merge(self.eval_graphdef, params, self.rest)(x_BT), y_BT)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def model(self, params, *, train: bool = False) -> GPT:
+        """An nnx model viewing `params` (for sampling or export)."""
+        graphdef = self.graphdef if train else self.eval_graphdef
+        return nnx.merge(graphdef, params, self.rest)
+
+    def shard_batch(self, x_BT, y_BT):
+        """Global arrays from this process's rows of the batch."""
+        to_global = lambda a: jax.make_array_from_process_local_data(self.batch_sharding, a)  # noqa: E731
+        return to_global(x_BT), to_global(y_BT)
