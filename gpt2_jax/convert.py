@@ -1,0 +1,158 @@
+"""Convert between Hugging Face GPT-2 folders and gpt2_jax checkpoints.
+
+    python -m gpt2_jax.convert from-hf --hf-dir DIR --out DIR
+    python -m gpt2_jax.convert to-hf --checkpoint DIR --out DIR
+
+Both write config.json + model.safetensors (fp32, HF GPT-2 weight names). That folder is the
+converted checkpoint format `evaluate`, `generate` and `train` accept, and for the standard
+variant `transformers.GPT2LMHeadModel.from_pretrained` loads it. RoPE / GQA / window / no-bias
+variants carry the extra config keys `n_kv_head`, `pos_embedding`, `rope_theta`,
+`attention_window` and `bias`, which transformers ignores; `gpt2_torch_ref.load_folder` reads
+them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from gpt2_jax.errors import UserError, cli_main
+from gpt2_jax.evaluate import load_checkpoint
+from gpt2_jax.hf_format import is_hf_folder, is_standard_gpt2, load_hf_folder, save_hf_folder
+from gpt2_jax.model import GPT, count_params
+from gpt2_jax.weights import to_hf_state_dict
+
+
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    if out.resolve() == src.resolve():
+        raise UserError(f"--out {out} is the input folder; pick another directory")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
+
+
+def write_folder(model: GPT, out: str | Path) -> Path:
+    """Save `model` as an HF-format folder at `out`, via a temporary sibling and a rename, after
+    checking the written folder reloads to identical weights."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_hf_folder(model, tmp)
+        want, got = to_hf_state_dict(model), to_hf_state_dict(load_hf_folder(tmp))
+        for name, arr in want.items():
+            if not np.array_equal(np.asarray(arr, np.float32), got[name]):
+                raise RuntimeError(f"{name} did not survive the write to {tmp}")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _describe_extras(model: GPT) -> str:
+    cfg = model.cfg
+    parts = []
+    if cfg.pos_embedding != "learned":
+        parts.append(f"{cfg.pos_embedding} positions")
+    if cfg.n_kv_head != cfg.n_head:
+        parts.append(f"{cfg.n_kv_head} kv heads for {cfg.n_head} query heads")
+    if cfg.attention_window is not None:
+        parts.append(f"attention window {cfg.attention_window}")
+    if not cfg.bias:
+        parts.append("no biases")
+    return ", ".join(parts)
+
+
+def from_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> GPT:
+    """Validate a transformers `save_pretrained` GPT-2 folder and write it as a checkpoint;
+    returns the model written."""
+    src, out = Path(hf_dir), Path(out)
+    if not src.exists():
+        raise UserError(f"--hf-dir {str(src)!r} does not exist")
+    if not is_hf_folder(src):
+        raise UserError(
+            f"{src} is not a GPT-2 folder: it needs config.json and model.safetensors (or "
+            "pytorch_model.bin), as transformers' save_pretrained writes"
+        )
+    _check_out(src, out, overwrite)
+    model = load_hf_folder(src)
+    write_folder(model, out)
+    return model
+
+
+def to_hf(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> GPT:
+    """Write any checkpoint `evaluate` accepts as config.json + model.safetensors; returns the
+    model written."""
+    src, out = Path(checkpoint), Path(out)
+    if src.exists():
+        _check_out(src, out, overwrite)
+    model = load_checkpoint(str(src))
+    write_folder(model, out)
+    return model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m gpt2_jax.convert",
+        description="Convert between Hugging Face GPT-2 folders and gpt2_jax checkpoints.",
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    f = sub.add_parser(
+        "from-hf", help="a transformers save_pretrained GPT-2 folder → a gpt2_jax checkpoint"
+    )
+    f.add_argument(
+        "--hf-dir",
+        required=True,
+        help="folder with config.json and model.safetensors or pytorch_model.bin",
+    )
+    t = sub.add_parser("to-hf", help="a gpt2_jax checkpoint → config.json + model.safetensors")
+    t.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a training run's out_dir (newest checkpoint), a checkpoint directory, or a "
+        "converted folder",
+    )
+    for p in (f, t):
+        p.add_argument("--out", required=True, help="output directory (empty or new)")
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return ap
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "from-hf":
+        model = from_hf(args.hf_dir, args.out, overwrite=args.overwrite)
+    else:
+        model = to_hf(args.checkpoint, args.out, overwrite=args.overwrite)
+    out = args.out
+    print(f"wrote {out} ({count_params(model):,} parameters)", file=sys.stderr)
+    if args.command == "to-hf":
+        if is_standard_gpt2(model.cfg):
+            print(
+                f"transformers.GPT2LMHeadModel.from_pretrained({str(out)!r}) loads it",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"note: this model has {_describe_extras(model)}, which transformers' "
+                "GPT2LMHeadModel cannot represent (it would load wrong or fail); config.json "
+                "carries n_kv_head, pos_embedding, rope_theta, attention_window and bias for "
+                "gpt2_torch_ref.load_folder and gpt2_jax",
+                file=sys.stderr,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

