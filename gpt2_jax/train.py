@@ -151,8 +151,11 @@ def sample_text(trainer: Trainer, params, cfg: Config, max_new_tokens: int = 64)
     from gpt2_jax.tokenizer import decode, encode
 
     model = trainer.model(jax.device_get(params))
+    prompt = encode(SAMPLE_PROMPT)
+    if cfg.model.pos_embedding == "learned":
+        max_new_tokens = min(max_new_tokens, cfg.model.max_seq_len - len(prompt))
     tokens = generate(
-        model, encode(SAMPLE_PROMPT), max_new_tokens=max_new_tokens, temperature=0.8, top_k=200,
+        model, prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=200,
         seed=cfg.train.seed,
     )  # fmt: skip
     return SAMPLE_PROMPT + decode(tokens[0].tolist())
@@ -170,8 +173,14 @@ def unigram_baseline(prepared_dir: Path) -> float | None:
     return float(-logp[val].mean()) if len(val) else None
 
 
-def train(cfg: Config, *, inject_nan_step: int | None = None) -> dict:
-    """Run (or resume) training as configured; returns a summary dict."""
+def train(
+    cfg: Config, *, inject_nan_step: int | None = None, preempt_at_step: int | None = None
+) -> dict:
+    """Run (or resume) training as configured; returns a summary dict.
+
+    Test hooks: `inject_nan_step` poisons that step's loss; `preempt_at_step` behaves as if
+    SIGTERM arrived during that step.
+    """
     validate(cfg)
     distributed.initialize(cfg.mesh)
     is_main = jax.process_index() == 0
@@ -192,12 +201,12 @@ def train(cfg: Config, *, inject_nan_step: int | None = None) -> dict:
                 shutil.rmtree(ckpt.directory)
                 (out / "metrics.jsonl").unlink(missing_ok=True)
             ckpt = Checkpointer(out, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-        return _run(cfg, out, ckpt, inject_nan_step)
+        return _run(cfg, out, ckpt, inject_nan_step, preempt_at_step)
     finally:
         ckpt.close()
 
 
-def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step: int | None) -> dict:
+def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at_step) -> dict:
     from gpt2_jax.data import prepare_source
 
     t, is_main = cfg.train, jax.process_index() == 0
@@ -310,15 +319,20 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step: int | None
                 record = {"step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)}
                 writer.write(record)
                 wandb_run.log(record)
-                bar.write(f"step {step}: val loss {last_val:.4f}, ppl {math.exp(last_val):.2f}")
+                bar.write(
+                    f"step {step}: val loss {last_val:.4f}, ppl {math.exp(last_val):.2f}",
+                    file=sys.stderr,
+                )
             if t.sample_every and step % t.sample_every == 0 and is_main:
                 text = sample_text(trainer, state.params, cfg)
-                bar.write(f"--- sample at step {step} ---\n{text}")
+                bar.write(f"--- sample at step {step} ---\n{text}", file=sys.stderr)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 if pending is not None:
                     check(pending)  # never checkpoint a run that just went non-finite
                     pending = None
                 save()
+            if step == preempt_at_step:
+                stop.requested, stop.signal_name = True, "preempted"
             if stop.requested and not at_end:
                 if pending is not None:
                     check(pending)

@@ -99,37 +99,40 @@ class Trainer:
             nnx.reseed(model, default=key)
         return cross_entropy(model(x_BT), y_BT)
 
-    def _train_step(self, state: TrainState, x_BT, y_BT):
-        self.trace_count += 1
+    def accumulate(self, params, step, x_BT, y_BT):
+        """Mean loss and gradients over the grad_accum micro-batches of one global batch."""
         A = self.cfg.grad_accum
         B, T = x_BT.shape
         # Micro-batch a takes rows a, a+A, a+2A, …: each device keeps its own rows, no shuffle.
         micro_sharding = NamedSharding(self.mesh, PartitionSpec(None, *sharding.batch_spec()))
-        x_ABT = jax.lax.with_sharding_constraint(
-            x_BT.reshape(B // A, A, T).swapaxes(0, 1), micro_sharding
-        )
-        y_ABT = jax.lax.with_sharding_constraint(
-            y_BT.reshape(B // A, A, T).swapaxes(0, 1), micro_sharding
-        )
-        step_key = jax.random.fold_in(jax.random.key(self.cfg.seed), state.step)
+
+        def split(a_BT):
+            a_ABT = a_BT.reshape(B // A, A, T).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(a_ABT, micro_sharding)
+
+        step_key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
         grad_fn = jax.value_and_grad(self._loss)
 
         def micro(carry, inputs):
             loss_sum, grad_sum = carry
             m, x, y = inputs
-            loss, grads = grad_fn(state.params, jax.random.fold_in(step_key, m), x, y)
+            loss, grads = grad_fn(params, jax.random.fold_in(step_key, m), x, y)
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = jax.tree.map(jnp.zeros_like, params)
         (loss_sum, grad_sum), _ = jax.lax.scan(
-            micro, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(A), x_ABT, y_ABT)
+            micro, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(A), split(x_BT), split(y_BT))
         )
         loss = loss_sum / A
         if self.inject_nan_step is not None:
-            poison = jnp.where(state.step == self.inject_nan_step, jnp.nan, 0.0)
+            poison = jnp.where(step == self.inject_nan_step, jnp.nan, 0.0)
             loss, grad_sum = loss + poison, jax.tree.map(lambda g: g + poison, grad_sum)
-        grads = jax.tree.map(lambda g: g / A, grad_sum)
-        grad_norm = optax.global_norm(grads)
+        return loss, jax.tree.map(lambda g: g / A, grad_sum)
+
+    def _train_step(self, state: TrainState, x_BT, y_BT):
+        self.trace_count += 1
+        loss, grads = self.accumulate(state.params, state.step, x_BT, y_BT)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
