@@ -1,0 +1,382 @@
+"""Text generation: prefill, then one jitted decode step reused for every token.
+
+Library: `generate(model, prompt_tokens, ...)` returns token ids; `decode_steps` yields them one
+step at a time. CLI: `python -m gpt2_jax.generate --checkpoint DIR --prompt TEXT` streams text.
+
+Sample i draws with key fold_in(PRNGKey(seed), i), and the token at position p with that key
+folded with p, so a sample does not depend on the batch it is generated in.
+
+Learned-position models cannot go past `max_seq_len`: generation stops there (a warning says
+so) and a longer prompt is an error. RoPE models have no such limit; with a sliding window the
+cache stays w slots however long the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import collections
+import functools
+import json
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gpt2_jax.errors import UserError, cli_main
+from gpt2_jax.kv_cache import cache_size, forward_cached, prefill
+from gpt2_jax.model import GPT
+from gpt2_jax.sampling import Sampling, sample, step_keys
+
+TRACES: collections.Counter = collections.Counter()  # how often each jitted step was traced
+
+
+def _merge(graphdef, state) -> GPT:
+    model = nnx.merge(graphdef, state)
+    model.eval()  # no dropout while generating; the caller's model is untouched
+    return model
+
+
+# Temperature is traced (greedy and sampled share one compilation); top-k / top-p are static.
+@functools.partial(jax.jit, static_argnames=("graphdef", "size", "top_k", "top_p"))
+def _prefill_step(graphdef, state, prompt_BT, keys_B, temperature, size, top_k, top_p):
+    TRACES["prefill"] += 1
+    logits_BV, cache = prefill(_merge(graphdef, state), prompt_BT, size)
+    pos_B = jnp.full(keys_B.shape[:1], prompt_BT.shape[1], jnp.int32)
+    tok_B = sample(logits_BV, step_keys(keys_B, pos_B), temperature, top_k=top_k, top_p=top_p)
+    return tok_B, logits_BV, cache
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "top_k", "top_p"), donate_argnames=("cache",)
+)
+def _decode_step(graphdef, state, cache, tok_B, pos_B, keys_B, temperature, top_k, top_p):
+    """Feed the token at `pos_B`, draw the one at `pos_B + 1`."""
+    TRACES["decode"] += 1
+    model = _merge(graphdef, state)
+    logits_B1V, cache = forward_cached(model, cache, tok_B[:, None], pos_B[:, None])
+    logits_BV = logits_B1V[:, 0]
+    keys_B = step_keys(keys_B, pos_B + 1)
+    return sample(logits_BV, keys_B, temperature, top_k=top_k, top_p=top_p), logits_BV, cache
+
+
+def sample_keys(seed: int | jax.Array, num_samples: int, first: int = 0) -> jax.Array:
+    """Keys of samples first..first+num_samples-1 for a seed (or a PRNG key)."""
+    key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(first, first + num_samples))
+
+
+def new_token_budget(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
+    """How many tokens may follow a prompt: `max_new_tokens`, cut at a learned table's end."""
+    cfg = model.cfg
+    if prompt_len < 1:
+        raise UserError("the prompt is empty; give at least one token")
+    if cfg.pos_embedding != "learned":
+        return max_new_tokens
+    if prompt_len > cfg.max_seq_len:
+        raise UserError(
+            f"the prompt is {prompt_len} tokens but the model has learned positions up to "
+            f"max_seq_len={cfg.max_seq_len}; shorten the prompt"
+        )
+    return min(max_new_tokens, cfg.max_seq_len - prompt_len)
+
+
+def decode_steps(
+    model: GPT,
+    prompt_BT,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling,
+    keys_B: jax.Array,
+) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """Yield (tokens_B, logits_BV) for each new token, on device; the logits are the model's
+    raw output the token was drawn from. The caller enforces length limits."""
+    prompt_BT = jnp.asarray(prompt_BT, jnp.int32)
+    B, T = prompt_BT.shape
+    if max_new_tokens <= 0:
+        return
+    graphdef, state = nnx.split(model)
+    size = cache_size(model.cfg, T + max_new_tokens)
+    temperature = jnp.float32(sampling.temperature)
+    tok_B, logits_BV, cache = _prefill_step(
+        graphdef, state, prompt_BT, keys_B, temperature, size, **sampling.filters
+    )
+    pos_B = jnp.full((B,), T, jnp.int32)
+    for i in range(max_new_tokens):
+        if i + 1 < max_new_tokens:  # dispatch the next step before the caller reads this one
+            nxt = _decode_step(
+                graphdef, state, cache, tok_B, pos_B, keys_B, temperature, **sampling.filters
+            )
+            (nxt_B, nxt_logits_BV, cache), pos_B = nxt, pos_B + 1
+        yield tok_B, logits_BV
+        if i + 1 < max_new_tokens:
+            tok_B, logits_BV = nxt_B, nxt_logits_BV
+
+
+def _prompt_batch(prompt_tokens, num_samples: int) -> np.ndarray:
+    prompt = np.asarray(prompt_tokens, np.int64)
+    if prompt.ndim == 1:
+        prompt = np.broadcast_to(prompt, (num_samples, prompt.shape[0]))
+    elif prompt.ndim != 2 or (num_samples != 1 and num_samples != prompt.shape[0]):
+        raise UserError(
+            f"prompt_tokens must be a 1-D list or a [num_samples, T] array, got shape "
+            f"{prompt.shape} with num_samples={num_samples}"
+        )
+    return prompt
+
+
+def check_prompt(model: GPT, prompt_BT: np.ndarray) -> None:
+    if prompt_BT.size and (prompt_BT.min() < 0 or prompt_BT.max() >= model.cfg.vocab_size):
+        raise UserError(
+            f"prompt token ids must lie in [0, {model.cfg.vocab_size}) for this model, got "
+            f"[{prompt_BT.min()}, {prompt_BT.max()}]"
+        )
+
+
+def token_stream(
+    model: GPT,
+    prompt_tokens,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling | None = None,
+    seed: int | jax.Array = 0,
+    num_samples: int = 1,
+    first_sample: int = 0,
+    draft: GPT | None = None,
+    speculative_k: int = 4,
+    stats=None,
+) -> Iterator[list[np.ndarray]]:
+    """Yield each row's new token ids as they are decided (a list of B int arrays per step).
+
+    With a `draft` model, tokens come from speculative decoding (`gpt2_jax.speculative`) and
+    a step may yield several tokens per row; `stats` (a `SpecStats`) collects acceptance.
+    """
+    sampling = Sampling() if sampling is None else sampling
+    prompt_BT = _prompt_batch(prompt_tokens, num_samples)
+    check_prompt(model, prompt_BT)
+    budget = new_token_budget(model, prompt_BT.shape[1], max_new_tokens)
+    if budget < max_new_tokens:
+        warnings.warn(
+            f"stopping after {budget} new tokens: the model's learned positions end at "
+            f"max_seq_len={model.cfg.max_seq_len}",
+            stacklevel=2,
+        )
+    keys_B = sample_keys(seed, prompt_BT.shape[0], first_sample)
+    if draft is not None:
+        from gpt2_jax.speculative import speculative_steps
+
+        yield from speculative_steps(
+            model, draft, prompt_BT, max_new_tokens=budget, k=speculative_k,
+            sampling=sampling, keys_B=keys_B, stats=stats,
+        )  # fmt: skip
+        return
+    for tok_B, _ in decode_steps(
+        model, prompt_BT, max_new_tokens=budget, sampling=sampling, keys_B=keys_B
+    ):
+        yield list(np.asarray(tok_B)[:, None])
+
+
+def generate(
+    model: GPT,
+    prompt_tokens,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | jax.Array = 0,
+    num_samples: int = 1,
+    draft: GPT | None = None,
+    speculative_k: int = 4,
+) -> np.ndarray:
+    """New token ids [num_samples, n] after `prompt_tokens` (a list of ids, or [B, T]).
+
+    n = max_new_tokens unless a learned position table ends first (then a warning).
+    """
+    sampling = Sampling(temperature, top_k, top_p)
+    rows: list[list[np.ndarray]] | None = None
+    for step in token_stream(
+        model, prompt_tokens, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+        num_samples=num_samples, draft=draft, speculative_k=speculative_k,
+    ):  # fmt: skip
+        rows = rows or [[] for _ in step]
+        for row, part in zip(rows, step, strict=True):
+            row.append(part)
+    if rows is None:
+        return np.zeros((_prompt_batch(prompt_tokens, num_samples).shape[0], 0), np.int32)
+    return np.stack([np.concatenate(r) for r in rows]).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one-line error, as for every other bad input
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m gpt2_jax.generate",
+        description="Sample text from a GPT-2 checkpoint, streaming it to stdout.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a converted HF folder, a training run's out_dir or a checkpoint dir",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (GPT-2 BPE)")
+    src.add_argument("--prompt-tokens", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus: keep mass p")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses fold_in(seed, i)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples, one after another")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON line per sample instead of streaming text",
+    )
+    p.add_argument(
+        "--draft-checkpoint",
+        default=None,
+        help="small model for speculative decoding (same vocabulary)",
+    )
+    p.add_argument(
+        "--speculative-k", type=int, default=None, help="draft tokens per round (default 4)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="compute dtype (default: the checkpoint's)",
+    )
+    return p  # fmt: skip
+
+
+def parse_token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise UserError(f"--prompt-tokens {text!r} is not comma-separated integers") from None
+    if not ids:
+        raise UserError("--prompt-tokens is empty; give at least one token id")
+    return ids
+
+
+def _token_bytes(token: int) -> bytes:
+    from gpt2_jax import tokenizer
+
+    if 0 <= token < tokenizer.VOCAB_SIZE:
+        return tokenizer.encoding().decode_single_token_bytes(token)
+    return "\ufffd".encode()  # ids past GPT-2's 50257 (padded vocabularies) have no text
+
+
+class TextStream:
+    """Turns token ids into text as they arrive, holding back split UTF-8 characters."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, tokens: Sequence[int]) -> str:
+        return "".join(self._decoder.decode(_token_bytes(int(t))) for t in tokens)
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.speculative_k is not None and args.draft_checkpoint is None:
+        raise UserError("--speculative-k needs --draft-checkpoint")
+    args.speculative_k = 4 if args.speculative_k is None else args.speculative_k
+    if args.speculative_k < 1:
+        raise UserError(f"--speculative-k must be >= 1, got {args.speculative_k}")
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    from gpt2_jax import tokenizer
+    from gpt2_jax.loading import load_model
+    from gpt2_jax.speculative import SpecStats, check_compatible
+
+    overrides = {} if args.dtype is None else {"dtype": args.dtype}
+    model = load_model(args.checkpoint, **overrides)
+    draft = None
+    if args.draft_checkpoint is not None:
+        draft = load_model(args.draft_checkpoint, **overrides)
+        check_compatible(model, draft, args.speculative_k)
+    prompt = (
+        parse_token_ids(args.prompt_tokens)
+        if args.prompt_tokens is not None
+        else tokenizer.encode(args.prompt) or [tokenizer.EOT]  # empty text: start a document
+    )
+    check_prompt(model, np.asarray([prompt]))
+    budget = new_token_budget(model, len(prompt), args.max_new_tokens)
+    if budget < args.max_new_tokens:
+        print(
+            f"note: stopping after {budget} new tokens: learned positions end at "
+            f"max_seq_len={model.cfg.max_seq_len}",
+            file=sys.stderr,
+        )
+    stats = SpecStats()
+    for i in range(args.num_samples):
+        tokens: list[int] = []
+        text = TextStream()
+        if not args.json:
+            if i:
+                print("\n" + "-" * 40, flush=True)
+            sys.stdout.write(text.feed(prompt))
+            sys.stdout.flush()
+        progress = None
+        if args.json:
+            from tqdm import tqdm
+
+            progress = tqdm(total=budget, desc=f"sample {i}", unit="tok", file=sys.stderr)
+        for step in token_stream(
+            model, prompt, max_new_tokens=budget, sampling=sampling, seed=args.seed,
+            num_samples=1, first_sample=i, draft=draft, speculative_k=args.speculative_k,
+            stats=stats,
+        ):  # fmt: skip
+            new = [int(t) for t in step[0]]
+            tokens += new
+            if progress is not None:
+                progress.update(len(new))
+            else:
+                sys.stdout.write(text.feed(new))
+                sys.stdout.flush()
+        if progress is not None:
+            progress.close()
+            full = TextStream()
+            line = {
+                "prompt_tokens": prompt,
+                "tokens": tokens,
+                "text": full.feed(tokens) + full.flush(),
+            }
+            print(json.dumps(line), flush=True)
+        else:
+            sys.stdout.write(text.flush() + "\n")
+            sys.stdout.flush()
+    if draft is not None:
+        print(
+            f"speculative: accepted {stats.accepted}/{stats.proposed} draft tokens "
+            f"({100 * stats.acceptance:.1f}%) in {stats.rounds} rounds",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
