@@ -15,7 +15,7 @@ from gpt2_jax.data import prepare as prepare_mod
 from gpt2_jax.data import prepare_source, read_meta
 from gpt2_jax.data.__main__ import main
 from gpt2_jax.data.split import doc_digest, doc_score
-from gpt2_jax.data.tokens import check_vocab_fits, encode_documents
+from gpt2_jax.data.tokens import check_vocab_fits, encode_documents, with_eot
 from gpt2_jax.errors import UserError
 
 EOT = tokenizer.EOT
@@ -104,6 +104,15 @@ def test_special_token_text_is_plain_text():
     (arr,) = encode_documents(["a <|endoftext|> b"])
     assert arr[-1] == EOT and EOT not in arr[:-1]
     assert tokenizer.decode(arr[:-1].tolist()) == "a <|endoftext|> b"
+
+
+def test_threaded_encoding_matches_tiktoken_encode_ordinary():
+    texts = ["héllo wörld 🎉 <|endoftext|>", "x" * 3000, "lone \ud800 surrogate", "", "\n\n  a"]
+    for threads in (1, 2):
+        got = encode_documents(texts, threads)
+        for text, arr in zip(texts, got, strict=True):
+            want = tokenizer.encoding().encode_ordinary(text) + [EOT]
+            assert arr.dtype == np.uint16 and arr.tolist() == want
 
 
 def test_split_is_by_document_disjoint_and_follows_the_hash_rule(txt_prepared):
@@ -235,8 +244,9 @@ def test_vocab_check_makes_uint16_overflow_impossible():
     check_vocab_fits(2**16)
     with pytest.raises(UserError, match="at most 65536"):
         check_vocab_fits(2**16 + 1)
-    with pytest.raises(OverflowError):  # the writer itself refuses to wrap an id
-        np.empty(1, np.uint16)[:] = [2**16]
+    np.testing.assert_array_equal(with_eot(np.array([65535], np.uint32)), [65535, EOT])
+    with pytest.raises(UserError, match="65536 does not fit uint16"):  # never wrapped to 0
+        with_eot(np.array([5, 2**16], np.uint32))
 
 
 def test_tiny_corpus_still_gets_a_val_document(tmp_path):

@@ -221,3 +221,15 @@ def test_hf_hub_without_network_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: hf:nobody/no-such-set"), proc.stderr
     assert "cannot reach the Hugging Face hub" in lines[0]
     assert not out.exists()
+
+
+def test_bad_document_in_stream_is_a_user_error(tmp_path):
+    for i, doc in enumerate(DOCS[:6]):
+        (tmp_path / f"{i}.txt").write_text(doc * 20)
+    (tmp_path / "9.txt").write_bytes(b"good start \x80 bad")
+    cfg = DataConfig(source=str(tmp_path / "*.txt"), val_fraction=0.0, streaming=True)
+    loader = StreamingLoader(cfg, seed=0, batch_size=2, seq_len=T)
+    with pytest.raises(UserError, match=r"9\.txt is not UTF-8: byte 0x80 at byte offset 11"):
+        for _ in range(200):
+            loader.next_batch()
+    assert loader._ahead is None  # the read-ahead thread was stopped

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -354,7 +355,8 @@ class _Staging:
         self.done = False
 
     def _tmp(self, name: str) -> Path:
-        return self.out / f".{name}.{os.getpid()}.tmp"
+        # host and pid: several hosts may prepare into one shared directory at once
+        return self.out / f".{name}.{socket.gethostname()}.{os.getpid()}.tmp"
 
     def __enter__(self) -> _Staging:
         missing = []

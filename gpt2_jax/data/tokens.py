@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -22,6 +24,17 @@ def check_vocab_fits(n_vocab: int, dtype: type = TOKEN_DTYPE) -> None:
         )
 
 
+def with_eot(ids: np.ndarray) -> np.ndarray:
+    """`ids` + EOT as TOKEN_DTYPE; an id that does not fit is an error, never a wrap-around."""
+    limit = int(np.iinfo(TOKEN_DTYPE).max)
+    if ids.size and int(ids.max()) > limit:
+        raise UserError(f"token id {int(ids.max())} does not fit {TOKEN_DTYPE.__name__}")
+    out = np.empty(ids.size + 1, TOKEN_DTYPE)
+    out[:-1] = ids
+    out[-1] = tokenizer.EOT
+    return out
+
+
 def resolve_threads(num_threads: int) -> int:
     """`data.num_threads`, with 0 meaning all CPU cores."""
     if num_threads < 0:
@@ -31,16 +44,21 @@ def resolve_threads(num_threads: int) -> int:
 
 def encode_documents(texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
     """Token ids of each text (special-token strings are plain text) followed by EOT."""
+    check_vocab_fits(tokenizer.encoding().n_vocab)
+    if len(texts) <= 1 or num_threads == 1:
+        return [with_eot(_encode(t)) for t in texts]
+    # tiktoken releases the GIL while encoding, so the threads run in parallel
+    return [with_eot(ids) for ids in _pool(num_threads).map(_encode, texts)]
+
+
+def _encode(text: str) -> np.ndarray:
     enc = tokenizer.encoding()
-    check_vocab_fits(enc.n_vocab)
-    if len(texts) == 1 or num_threads == 1:
-        ids = [enc.encode_ordinary(t) for t in texts]
-    else:  # tiktoken releases the GIL while encoding, so threads run in parallel
-        ids = enc.encode_ordinary_batch(texts, num_threads=num_threads)
-    out = []
-    for doc in ids:
-        arr = np.empty(len(doc) + 1, TOKEN_DTYPE)
-        arr[:-1] = doc  # numpy raises OverflowError rather than wrapping an id >= 2**16
-        arr[-1] = tokenizer.EOT
-        out.append(arr)
-    return out
+    try:  # straight into a numpy buffer: no list of Python ints
+        return enc.encode_to_numpy(text, disallowed_special=())
+    except UnicodeEncodeError:  # lone surrogates: tiktoken's list path repairs them
+        return np.asarray(enc.encode_ordinary(text), np.uint32)
+
+
+@functools.cache
+def _pool(num_threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(num_threads, thread_name_prefix="gpt2_jax-tokenise")
