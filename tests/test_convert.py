@@ -168,6 +168,57 @@ def test_from_hf_accepts_transformers_folder_and_drops_nothing(tmp_path, capsys)
     )
 
 
+def test_training_run_evaluates_and_exports(tmp_path, capsys):
+    """A real (2-step) training run: its out_dir, its step directory and its to-hf export
+    evaluate identically, and the export runs in the torch reference with the same loss."""
+    from gpt2_jax import evaluate
+    from gpt2_jax.config import config_from_dict
+    from gpt2_jax.train import train
+    from gpt2_torch_ref import load_folder
+
+    words = " ".join(f"w{i % 97} x{i % 13}" for i in range(2500))
+    for i in range(3):
+        (tmp_path / f"doc{i}.txt").write_text(f"Document {i}. {words}")
+    run = tmp_path / "run"
+    cfg = config_from_dict({
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "max_seq_len": 32,
+                  "pos_embedding": "rope", "n_kv_head": 1},
+        "data": {"source": str(tmp_path / "*.txt"), "val_fraction": 0.34},
+        "train": {"batch_size": 2, "seq_len": 16, "max_steps": 2, "warmup_steps": 1,
+                  "eval_every": 100, "log_every": 1, "out_dir": str(run)},
+        "checkpoint": {"every": 2, "async_save": False},
+    })  # fmt: skip
+    train(cfg)
+    capsys.readouterr()
+    code, _, err = run_cli(["to-hf", "--checkpoint", run, "--out", tmp_path / "hf"], capsys)
+    assert code == 0, err
+    assert "rope positions" in err
+
+    results = []
+    for ckpt in (run, run / "checkpoints" / "2", tmp_path / "hf"):
+        code = evaluate.main(
+            ["--checkpoint", str(ckpt), "--data", str(run / "data"), "--seq-len", "16"]
+        )
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        results.append(json.loads(out))
+    assert results[0] == results[1] == results[2]
+
+    tokens = np.fromfile(run / "data" / "val.bin", np.uint16).astype(np.int64)
+    ref = load_folder(tmp_path / "hf")
+    nll_sum, count = 0.0, 0
+    for begin in range(0, len(tokens), 16):  # stride = seq_len: windows score from begin + 1
+        window = torch.tensor(tokens[begin : begin + 16])[None]
+        if window.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            logits = ref(window)[0, :-1].double()
+        nll_sum += float(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum"))
+        count += window.shape[1] - 1
+    assert results[0]["tokens"] == count
+    assert results[0]["nll"] == pytest.approx(nll_sum / count, rel=1e-5)
+
+
 @pytest.fixture
 def hf_folder(tmp_path) -> Path:
     save_hf_folder(GPT(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32,

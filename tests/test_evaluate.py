@@ -299,6 +299,17 @@ def test_shakespeare_source_name(tmp_path, capsys, gpt2_vocab_ckpt):
     assert by_name["tokens"] == 39
 
 
+def test_jsonl_source_joins_documents_with_eot(tmp_path, capsys, gpt2_vocab_ckpt):
+    docs = ["First document, short.", "Second one: <|endoftext|> stays text."]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tokens = [*encode(docs[0]), 50256, *encode(docs[1])]
+    data = write_bin(tmp_path / "d.bin", tokens)
+    args = ["--checkpoint", gpt2_vocab_ckpt, "--seq-len", 8, "--stride", 3]
+    assert eval_json([*args, "--data", tmp_path / "d.jsonl"], capsys) == eval_json(
+        [*args, "--data", data], capsys
+    )
+
+
 def test_prepared_dir_uses_val_bin_and_cli_prints_one_line_per_length(tmp_path):
     save_hf_folder(randomize(GPT(tiny(), rngs=nnx.Rngs(0)), seed=7), tmp_path / "ck")
     write_bin(tmp_path / "val.bin", np.random.default_rng(8).integers(0, 64, 70))
@@ -345,7 +356,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, small_ckpt):
         (["--checkpoint", small_ckpt, "--data", good, "--seq-len", 8, "--stride", 9], "--stride"),
         (["--checkpoint", small_ckpt, "--data", good, "--stride", 0], "--stride"),
         (["--checkpoint", small_ckpt, "--data", good, "--stride", -3], "--stride"),
-        (["--checkpoint", small_ckpt, "--data", tmp_path / "nope.txt"], "neither a file"),
+        (["--checkpoint", small_ckpt, "--data", tmp_path / "nope.txt"], "not found"),
         (["--checkpoint", small_ckpt, "--data", big], "vocab_size is 64"),
         (["--checkpoint", small_ckpt, "--data", good, "--seq-lens", "8,x"], "--seq-lens"),
     ]
