@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,14 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def restore_latest(self, target_state) -> tuple[Any, dict, int] | None:
+    def restore_latest(
+        self, target_state, check_meta: Callable[[dict], None] | None = None
+    ) -> tuple[Any, dict, int] | None:
         """(state, meta, step) from the newest readable checkpoint, or None if there is none.
 
         `target_state` is a TrainState whose leaves carry the shardings to restore onto (the
-        current mesh), so a run saved on one layout resumes on another.
+        current mesh), so a run saved on one layout resumes on another. `check_meta` sees the
+        saved metadata before any array is read and may refuse it by raising.
         """
         from gpt2_jax.train_step import TrainState
 
@@ -88,6 +92,16 @@ class Checkpointer:
             "skipped": abstract.skipped,
         }
         for step in reversed(self.steps()):
+            try:
+                meta = self.manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                )
+            except Exception as e:  # a damaged checkpoint: warn and fall back to the previous
+                warn(f"checkpoint {self.directory / str(step)} is unreadable "
+                     f"({type(e).__name__}); trying the previous one")  # fmt: skip
+                continue
+            if check_meta is not None:
+                check_meta(meta.meta)  # a refusal is the user's to see, not a damaged checkpoint
             try:
                 restored = self.manager.restore(
                     step,

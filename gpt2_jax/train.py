@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -221,10 +222,13 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
 
     start = 0
     target = jax.eval_shape(trainer.init_state)
-    restored = ckpt.restore_latest(target) if ckpt.steps() else None
+
+    def check_meta(meta: dict) -> None:
+        check_same_architecture(meta["model"], cfg.model)
+
+    restored = ckpt.restore_latest(target, check_meta) if ckpt.steps() else None
     if restored is not None:
         state, saved_meta, start = restored
-        check_same_architecture(saved_meta["model"], cfg.model)
         if saved_meta.get("data_state") is not None:
             loader.load_state_dict(saved_meta["data_state"])
         print(f"resuming from {ckpt.directory / str(start)} (step {start})", file=sys.stderr)
@@ -258,13 +262,16 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
 
     last_val = None
     pending = None  # (step, metrics) of the step before: checked one behind, keeps the queue full
-    interval_start, interval_steps, data_time = time.perf_counter(), 0, 0.0
+    # Step time = wall time between two points where every dispatched step has finished,
+    # minus eval / sample / checkpoint time spent in between, over the steps in that interval.
+    interval_start, interval_steps, data_time, paused = time.perf_counter(), 0, 0.0, 0.0
+    steady_tok_s: list[float] = []  # every interval but the first (which includes compilation)
     bar = tqdm(total=t.max_steps, initial=start, disable=not is_main, dynamic_ncols=True,
                desc="train", file=sys.stderr)  # fmt: skip
     step = start
 
     def check(prev) -> None:
-        nonlocal interval_start, interval_steps, data_time
+        nonlocal interval_start, interval_steps, data_time, paused
         prev_step, metrics = prev
         m = jax.device_get(metrics)
         if not m["finite"]:
@@ -278,8 +285,8 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
                 )
             warn(f"step {prev_step}: non-finite loss or gradient, update skipped")
         if t.log_every and (prev_step % t.log_every == 0 or prev_step == t.max_steps):
-            jax.block_until_ready(state.step)
-            elapsed = time.perf_counter() - interval_start
+            jax.block_until_ready(state)
+            elapsed = time.perf_counter() - interval_start - paused
             step_time = elapsed / max(interval_steps, 1)
             tok_s = tokens_per_step / step_time
             record = {
@@ -297,8 +304,11 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
             wandb_run.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
                             mfu=f"{record['mfu']:.1%}")  # fmt: skip
-            interval_start, interval_steps, data_time = time.perf_counter(), 0, 0.0
+            if interval_start > run_start:
+                steady_tok_s.append(tok_s)
+            interval_start, interval_steps, data_time, paused = time.perf_counter(), 0, 0.0, 0.0
 
+    run_start = interval_start
     with StopRequest() as stop:
         while step < t.max_steps:
             t0 = time.perf_counter()
@@ -312,9 +322,11 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
             pending = (step, metrics)
             bar.update(1)
             at_end = step == t.max_steps
+            t_pause = time.perf_counter()
             if t.eval_every and (step % t.eval_every == 0 or at_end):
                 check(pending)
                 pending = None
+                t_pause = time.perf_counter()
                 last_val = evaluate(trainer, state.params, val, cfg, eval_bs)
                 record = {"step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)}
                 writer.write(record)
@@ -331,6 +343,7 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
                     check(pending)  # never checkpoint a run that just went non-finite
                     pending = None
                 save()
+            paused += time.perf_counter() - max(t_pause, interval_start)
             if step == preempt_at_step:
                 stop.requested, stop.signal_name = True, "preempted"
             if stop.requested and not at_end:
@@ -359,6 +372,8 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
         "loss_png": str(png) if png else None,
         "checkpoint": str(ckpt.directory / str(step)),
         "skipped_nonfinite": int(jax.device_get(state.skipped)),
+        "tokens_per_sec": statistics.median(steady_tok_s) if steady_tok_s else None,
+        "train_time_s": round(time.perf_counter() - run_start, 1),
     }
     if is_main:
         print("summary: " + yaml.safe_dump(summary, sort_keys=False, width=200).strip()
