@@ -262,18 +262,20 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
 
     last_val = None
     pending = None  # (step, metrics) of the step before: checked one behind, keeps the queue full
-    # Step time = wall time between two points where every dispatched step has finished,
-    # minus eval / sample / checkpoint time spent in between, over the steps in that interval.
-    interval_start, interval_steps, data_time, paused = time.perf_counter(), 0, 0.0, 0.0
+    # Step time = wall time from the end of step `synced` to the end of the logged step (its
+    # metrics are fetched, so it has finished), minus eval / sample / checkpoint time, over
+    # the steps in between.
+    interval_start, synced, data_time, paused = time.perf_counter(), start, 0.0, 0.0
     steady_tok_s: list[float] = []  # every interval but the first (which includes compilation)
     bar = tqdm(total=t.max_steps, initial=start, disable=not is_main, dynamic_ncols=True,
                desc="train", file=sys.stderr)  # fmt: skip
     step = start
 
     def check(prev) -> None:
-        nonlocal interval_start, interval_steps, data_time, paused
+        nonlocal interval_start, synced, data_time, paused
         prev_step, metrics = prev
-        m = jax.device_get(metrics)
+        m = jax.device_get(metrics)  # waits for step prev_step to finish
+        now = time.perf_counter()
         if not m["finite"]:
             if not t.skip_nonfinite:
                 good = ckpt.steps()
@@ -285,9 +287,8 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
                 )
             warn(f"step {prev_step}: non-finite loss or gradient, update skipped")
         if t.log_every and (prev_step % t.log_every == 0 or prev_step == t.max_steps):
-            jax.block_until_ready(state)
-            elapsed = time.perf_counter() - interval_start - paused
-            step_time = elapsed / max(interval_steps, 1)
+            elapsed = now - interval_start - paused
+            step_time = elapsed / (prev_step - synced)
             tok_s = tokens_per_step / step_time
             record = {
                 "step": prev_step,
@@ -297,8 +298,8 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
                 "tokens_per_sec": tok_s,
                 "mfu": flops_per_step / step_time / peak_total,
                 "step_time": step_time,
-                "data_time": data_time / max(interval_steps, 1),
-                "skipped": int(jax.device_get(state.skipped)),
+                "data_time": data_time / (prev_step - synced),
+                "skipped": int(m["skipped"]),
             }
             writer.write(record)
             wandb_run.log(record)
@@ -306,7 +307,7 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
                             mfu=f"{record['mfu']:.1%}")  # fmt: skip
             if interval_start > run_start:
                 steady_tok_s.append(tok_s)
-            interval_start, interval_steps, data_time, paused = time.perf_counter(), 0, 0.0, 0.0
+            interval_start, synced, data_time, paused = now, prev_step, 0.0, 0.0
 
     run_start = interval_start
     with StopRequest() as stop:
@@ -316,7 +317,6 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
             data_time += time.perf_counter() - t0
             state, metrics = trainer.step(state, *trainer.shard_batch(x, y))
             step += 1
-            interval_steps += 1
             if pending is not None:
                 check(pending)
             pending = (step, metrics)

@@ -40,6 +40,7 @@ class Trainer:
     ):
         sharding.check_heads(model_cfg.n_head, mesh)
         sharding.check_batch(train_cfg.batch_size, mesh)
+        sharding.check_process_batch(mesh)
         self.model_cfg, self.cfg, self.mesh = model_cfg, train_cfg, mesh
         self.tx = make_optimizer(train_cfg)
         self.schedule = lr_schedule(train_cfg)
@@ -150,6 +151,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "lr": self.schedule(state.step),
             "finite": finite,
+            "skipped": new_state.skipped,
         }
         return new_state, metrics
 

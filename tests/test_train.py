@@ -30,9 +30,19 @@ def test_default_command_path_end_to_end(tmp_path, prepared_shakespeare, capsys)
     assert sorted(losses) == list(range(1, 13))
     assert np.mean([losses[s] for s in (10, 11, 12)]) < losses[1] - 0.5  # it learns
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    logged = [r for r in records if "loss" in r][0]
-    assert set(logged) >= {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "step_time"}
-    assert 0 < logged["mfu"] < 1.5 and logged["tokens_per_sec"] > 0
+    logged = [r for r in records if "loss" in r]
+    assert set(logged[0]) >= {
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+        "mfu",
+        "step_time",
+    }
+    # Step times are measured between full synchronisations, so no record can beat the peak.
+    assert all(0 < r["mfu"] < 1.5 and r["tokens_per_sec"] > 0 for r in logged)
+    assert summary["tokens_per_sec"] > 0
     vals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in vals] == [6, 12]
     assert vals[0]["val_ppl"] == pytest.approx(np.exp(vals[0]["val_loss"]), rel=1e-6)
@@ -51,6 +61,19 @@ def test_no_arguments_trains_default_yaml(monkeypatch):
     monkeypatch.chdir("/")
     assert main([]) == 0
     assert seen["cfg"] == load_config(REPO / "configs" / "default.yaml")
+
+
+def test_sweep_parameters_are_valid_overrides():
+    import yaml
+
+    sweep = yaml.safe_load((REPO / "configs" / "sweep.yaml").read_text())
+    assert sweep["command"][-1] == "${args_no_hyphens}"
+    overrides = []
+    for key, spec in sweep["parameters"].items():
+        values = [spec["value"]] if "value" in spec else spec.get("values", [spec.get("min")])
+        overrides += [f"{key}={yaml.safe_dump(v).splitlines()[0]}" for v in values[:1]]
+    cfg = load_config(REPO / "configs" / "default.yaml", overrides)
+    assert cfg.wandb.mode == "online" and cfg.train.lr == sweep["parameters"]["train.lr"]["min"]
 
 
 def _loss_and_grads(model_cfg, accum, x, y):
