@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_jax.errors import UserError, cli_main
+from gpt2_jax.errors import ArgParser, UserError, cli_main
 from gpt2_jax.hf_format import is_hf_folder, is_standard_gpt2, load_hf_folder, save_hf_folder
 from gpt2_jax.loading import load_model
 from gpt2_jax.model import GPT, count_params
@@ -102,7 +102,7 @@ def to_hf(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgParser(
         prog="python -m gpt2_jax.convert",
         description="Convert between Hugging Face GPT-2 folders and gpt2_jax checkpoints.",
     )

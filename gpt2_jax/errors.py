@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Callable
@@ -26,3 +27,10 @@ def cli_main(fn: F) -> F:
             raise SystemExit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class ArgParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are UserErrors: one line, exit 2, via cli_main."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")

@@ -29,7 +29,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from gpt2_jax.config import DTYPES
-from gpt2_jax.errors import UserError, cli_main
+from gpt2_jax.errors import ArgParser, UserError, cli_main
 from gpt2_jax.loading import load_model
 from gpt2_jax.model import GPT
 
@@ -237,7 +237,7 @@ def _parse_lengths(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgParser(
         prog="python -m gpt2_jax.evaluate",
         description="Perplexity of a checkpoint by Hugging Face's fixed-length-model procedure.",
     )

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt2_jax.errors import UserError, cli_main
+from gpt2_jax.errors import ArgParser, UserError, cli_main
 from gpt2_jax.kv_cache import cache_size, forward_cached, prefill
 from gpt2_jax.model import GPT
 from gpt2_jax.sampling import Sampling, sample, step_keys
@@ -214,13 +214,8 @@ def generate(
 # ----------------------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one-line error, as for every other bad input
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgParser(
         prog="python -m gpt2_jax.generate",
         description="Sample text from a GPT-2 checkpoint, streaming it to stdout.",
     )

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from gpt2_jax import distributed, sharding
 from gpt2_jax.checkpoint import Checkpointer, check_same_architecture, warn
 from gpt2_jax.config import Config, ConfigError, dump_yaml, load_config, to_dict
-from gpt2_jax.errors import UserError, cli_main
+from gpt2_jax.errors import ArgParser, UserError, cli_main
 from gpt2_jax.metrics import (
     MetricsWriter,
     Wandb,
@@ -382,7 +382,7 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog="python -m gpt2_jax.train",
         description="Train a GPT-2 variant. Overrides are section.key=value, values parsed as "
         "YAML scalars (null, true, 3e-4, [1, 2]).",

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -16,7 +15,7 @@ import numpy as np
 from gpt2_jax.config import DataConfig
 from gpt2_jax.data import StreamingLoader, TokenDataset, get_batch, prepare_source, resolve_source
 from gpt2_jax.data.tokens import encode_documents
-from gpt2_jax.errors import cli_main
+from gpt2_jax.errors import ArgParser, cli_main
 
 
 def _best(fn, repeats: int) -> float:
@@ -42,7 +41,7 @@ def _latency_ms(fn, n: int) -> tuple[float, float, float]:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpt2_jax.bench data", description=__doc__)
+    parser = ArgParser(prog="python -m gpt2_jax.bench data", description=__doc__)
     parser.add_argument("--source", default="shakespeare", help="data.source to measure")
     parser.add_argument(
         "--threads", type=int, nargs="+", default=[1, 2], help="tokeniser thread counts"

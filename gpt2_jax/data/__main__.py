@@ -7,15 +7,13 @@ import sys
 
 from gpt2_jax.config import DataConfig
 from gpt2_jax.data.prepare import prepare_source
-from gpt2_jax.errors import cli_main
+from gpt2_jax.errors import ArgParser, cli_main
 
 _DEFAULTS = DataConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt2_jax.data", description="Training-data tools."
-    )
+    parser = ArgParser(prog="python -m gpt2_jax.data", description="Training-data tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "prepare",

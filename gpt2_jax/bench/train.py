@@ -1,0 +1,215 @@
+"""Training throughput: our jitted train step against HF transformers and the torch reference.
+
+    python -m gpt2_jax.bench train [--n-layer 4] [--n-head 4] [--n-embd 256]
+        [--batch-size 8] [--seq-len 256] [--steps 10] [--rounds 3] [--peers hf,torch_ref]
+        [--json]
+
+Every contender trains the same GPT-2 shape (fp32, no dropout, AdamW with the same
+hyper-parameters, global-norm clipping 1.0) on the same random tokens. Time per step is the
+median over `--steps` timed steps after warm-up (compilation excluded), and the contenders
+take turns for `--rounds` rounds so that load from other processes hits them alike; each
+figure is the median over rounds. Achieved FLOP/s use the PaLM count (6N + 12·L·d·T per
+token, see gpt2_jax.metrics) and are compared with a jitted fp32 matmul measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from gpt2_jax.errors import ArgParser, UserError, cli_main
+
+PEERS = ("hf", "torch_ref")
+
+
+def _timed(step: Callable[[], None], sync: Callable[[], None], n: int) -> float:
+    """Median seconds per step over n steps (each synchronised)."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _ours(args, tokens_BT: np.ndarray):
+    import jax
+
+    from gpt2_jax.config import MeshConfig, ModelConfig, TrainConfig
+    from gpt2_jax.sharding import make_mesh
+    from gpt2_jax.train_step import Trainer
+
+    model_cfg = ModelConfig(
+        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+        max_seq_len=args.seq_len, attention_impl=args.attention_impl,
+    )  # fmt: skip
+    train_cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=0)
+    trainer = Trainer(model_cfg, train_cfg, make_mesh(MeshConfig(), jax.devices()[:1]))
+    holder = {"state": trainer.init_state()}
+    x, y = trainer.shard_batch(tokens_BT[:, :-1], tokens_BT[:, 1:])
+
+    def step():
+        holder["state"], holder["metrics"] = trainer.step(holder["state"], x, y)
+
+    def sync():
+        jax.block_until_ready(holder["metrics"])
+
+    for _ in range(2):  # compile, then one more to settle
+        step()
+        sync()
+    return step, sync
+
+
+def _torch(kind: str, args, tokens_BT: np.ndarray):
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "hf":
+        import transformers
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        transformers.logging.set_verbosity_error()
+
+        hf_cfg = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                            n_positions=args.seq_len, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0)  # fmt: skip
+        model = GPT2LMHeadModel(hf_cfg)
+
+        def loss_fn(x, y):  # HF shifts the labels itself; the forward sees T tokens, as ours
+            return model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
+    else:
+        from gpt2_torch_ref.model import GPT, RefConfig
+
+        model = GPT(RefConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                              max_seq_len=args.seq_len))  # fmt: skip
+
+        def loss_fn(x, y):
+            logits = model(x[:, :-1])
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[:, 1:].flatten())
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    x = torch.from_numpy(tokens_BT.astype(np.int64))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    for _ in range(2):
+        step()
+    return step, lambda: None
+
+
+def run(args) -> list[dict]:
+    import jax
+    import torch
+
+    from gpt2_jax.config import ModelConfig
+    from gpt2_jax.metrics import flops_per_token, measure_cpu_matmul_flops
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                      max_seq_len=args.seq_len)  # fmt: skip
+    d, v, t = cfg.n_embd, cfg.vocab_size, args.seq_len
+    n_no_pos = v * d + cfg.n_layer * (12 * d * d + 13 * d) + 2 * d  # tied head, biases, LNs
+    flops_tok = flops_per_token(cfg, n_no_pos, t)
+    tokens_BT = np.random.default_rng(0).integers(0, v, (args.batch_size, t + 1), np.int32)
+    names = ["gpt2_jax", *args.peers]
+    print(f"building {', '.join(names)} (compiling / warming up)", file=sys.stderr)
+    runners = {"gpt2_jax": _ours(args, tokens_BT)}
+    runners |= {p: _torch(p, args, tokens_BT) for p in args.peers}
+    step_s: dict[str, list[float]] = {n: [] for n in names}
+    peaks = []
+    for r in range(args.rounds):
+        peaks.append(measure_cpu_matmul_flops())
+        for name in names:
+            step_s[name].append(_timed(*runners[name], args.steps))
+        done = ", ".join(f"{n} {1e3 * step_s[n][-1]:.0f} ms" for n in names)
+        print(f"round {r + 1}/{args.rounds}: {done}", file=sys.stderr)
+    peak = statistics.median(peaks)
+    records = []
+    for name in names:
+        sec = statistics.median(step_s[name])
+        tok_s = args.batch_size * t / sec
+        records.append({
+            "name": name, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": d,
+            "batch_size": args.batch_size, "seq_len": t, "step_ms": 1e3 * sec,
+            "tokens_per_sec": tok_s, "achieved_flops": tok_s * flops_tok,
+            "matmul_peak_flops": peak, "frac_of_peak": tok_s * flops_tok / peak,
+            "device": jax.devices()[0].device_kind, "threads": torch.get_num_threads(),
+        })  # fmt: skip
+    ours = records[0]["tokens_per_sec"]
+    for rec in records:
+        rec["ours_over_this"] = ours / rec["tokens_per_sec"]
+    return records
+
+
+def _table(records: list[dict]) -> str:
+    r0 = records[0]
+    lines = [
+        f"GPT-2 L={r0['n_layer']} H={r0['n_head']} d={r0['n_embd']} B={r0['batch_size']} "
+        f"T={r0['seq_len']}, fp32, AdamW; CPU matmul peak {r0['matmul_peak_flops'] / 1e9:.1f} "
+        "GFLOP/s",
+        f"{'contender':<10} {'step ms':>9} {'tok/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'ours/x':>7}",
+    ]
+    for r in records:
+        lines.append(
+            f"{r['name']:<10} {r['step_ms']:9.1f} {r['tokens_per_sec']:9.0f} "
+            f"{r['achieved_flops'] / 1e9:8.1f} {100 * r['frac_of_peak']:6.1f}% "
+            f"{r['ours_over_this']:7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _peers(text: str) -> list[str]:
+    peers = [p for p in text.split(",") if p]
+    bad = [p for p in peers if p not in PEERS]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown peer {bad[0]!r}; use a comma list from {','.join(PEERS)}"
+        )
+    return peers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgParser(prog="python -m gpt2_jax.bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="turns each contender takes")
+    p.add_argument("--peers", type=_peers, default=list(PEERS), help="comma list: hf,torch_ref")
+    p.add_argument("--attention-impl", default="auto", help="model.attention_impl for ours")
+    p.add_argument("--json", action="store_true", help="one JSON object per contender")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "steps", "rounds"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if args.n_embd % args.n_head:
+        raise UserError("--n-embd must be divisible by --n-head")
+    records = run(args)
+    if args.json:
+        for rec in records:
+            print(json.dumps(rec))
+    else:
+        print(_table(records))
+    return 0
