@@ -39,7 +39,7 @@ class ModelConfig:
     bias: bool = True
     tie_embeddings: bool = True
     layer_norm_eps: float = 1e-5
-    dtype: str = "float32"  # compute dtype
+    dtype: str = "auto"  # compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: str = "float32"
     attention_impl: str = "auto"  # "auto" | "xla" | "blocked" | "cudnn"
 
@@ -75,9 +75,9 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"model.{name}={getattr(self, name)!r}; use one of {DTYPES}")
+        for name, options in (("dtype", ("auto", *DTYPES)), ("param_dtype", DTYPES)):
+            if getattr(self, name) not in options:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r}; use one of {options}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(
                 f"unknown model.attention_impl={self.attention_impl!r}; use one of "
@@ -87,6 +87,19 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def compute_dtype(self) -> str:
+        """`dtype`, with auto resolved: bfloat16 on GPU/TPU, float32 on CPU.
+
+        Resolved at use, not at construction: configs are built before
+        jax.distributed.initialize, which must precede any backend query.
+        """
+        if self.dtype != "auto":
+            return self.dtype
+        import jax
+
+        return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
 
 
 @dataclass(frozen=True)

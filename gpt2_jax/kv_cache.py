@@ -49,13 +49,13 @@ def cache_size(cfg: ModelConfig, total_len: int, *, ahead: int = 0) -> int:
 
 def init_cache(cfg: ModelConfig, batch: int, size: int) -> KVCache:
     shape = (batch, size, cfg.n_kv_head, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(cfg.n_layer))
+    zeros = tuple(jnp.zeros(shape, jnp.dtype(cfg.compute_dtype)) for _ in range(cfg.n_layer))
     return KVCache(zeros, zeros, jnp.full((batch, size), -1, jnp.int32))
 
 
 def bytes_per_token(cfg: ModelConfig) -> int:
     """Cache bytes one position costs per sequence: K and V of every layer."""
-    return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
 
 
 def _embed(model: GPT, tokens_BT: jax.Array, positions_BT: jax.Array):
@@ -83,7 +83,7 @@ def prefill(
     shift = (T - keep) % size  # the kept positions T-keep.. start at this slot
 
     def store(a_BTKH: jax.Array) -> jax.Array:
-        a_BSKH = jnp.zeros((B, size, *a_BTKH.shape[2:]), jnp.dtype(cfg.dtype))
+        a_BSKH = jnp.zeros((B, size, *a_BTKH.shape[2:]), jnp.dtype(cfg.compute_dtype))
         a_BSKH = a_BSKH.at[:, :keep].set(a_BTKH[:, T - keep :].astype(a_BSKH.dtype))
         return jnp.roll(a_BSKH, shift, axis=1)
 

@@ -39,7 +39,7 @@ def _dense(cfg: ModelConfig, d_in: int, d_out: int, std: float, axes, *, rngs, b
         d_in,
         d_out,
         use_bias=cfg.bias if bias is None else bias,
-        dtype=jnp.dtype(cfg.dtype),
+        dtype=jnp.dtype(cfg.compute_dtype),
         param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=_init(std, axes),
         bias_init=_zeros(axes[-1:]),
@@ -53,7 +53,7 @@ def _layer_norm(cfg: ModelConfig, *, rngs) -> nnx.LayerNorm:
         epsilon=cfg.layer_norm_eps,
         use_bias=cfg.bias,
         use_fast_variance=False,  # two-pass variance, as torch computes it
-        dtype=jnp.dtype(cfg.dtype),
+        dtype=jnp.dtype(cfg.compute_dtype),
         param_dtype=jnp.dtype(cfg.param_dtype),
         scale_init=_with_axes(jax.nn.initializers.ones, ("norm",)),
         bias_init=_zeros(("norm",)),
@@ -146,7 +146,7 @@ class GPT(nnx.Module):
             raise ConfigError(f"unknown train.remat={remat!r}; use one of {REMAT_POLICIES}")
         self.cfg = cfg
         self.remat = remat
-        pdtype, dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        pdtype, dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
         self.wte = nnx.Embed(
             cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=pdtype,
             embedding_init=_init(0.02, ("vocab", "embed")), rngs=rngs,
@@ -177,7 +177,7 @@ class GPT(nnx.Module):
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """Final LayerNorm and LM head; logits in fp32."""
         x_BTD = self.ln_f(x_BTD)
-        dtype = jnp.dtype(self.cfg.dtype)
+        dtype = jnp.dtype(self.cfg.compute_dtype)
         if self.cfg.tie_embeddings:
             w_VD = self.wte.embedding[...].astype(dtype)
             return jnp.einsum(
