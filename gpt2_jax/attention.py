@@ -10,10 +10,13 @@ Implementations (`model.attention_impl`):
   O(T·w) time and memory with a window, O(T) memory without one. Any backend and dtype.
 - `cudnn`: cuDNN flash attention via `jax.nn.dot_product_attention(implementation="cudnn")`
   with `local_window_size`; CUDA GPU and bf16/fp16 only, refused elsewhere.
-- `auto` (rule from the 2-core CPU measurements in BENCHMARKS.md):
-  on a GPU with bf16/fp16 and head dim a multiple of 8 up to 128, `cudnn`; otherwise
-  `blocked` when T >= AUTO_BLOCKED_MIN_T and either there is a window with
-  w <= T / AUTO_WINDOW_RATIO (the masked T×T work is mostly wasted) or T >= AUTO_LONG_T
+- `auto`: on a GPU with bf16/fp16 and head dim a multiple of 8 up to 128, `cudnn`. On CPU,
+  `blocked` when T >= AUTO_BLOCKED_MIN_T, with or without a window: on the 2-core CPU
+  (docs/bench/attention.md, 12 heads of 64) its fwd+bwd is 2-4x faster than `xla` from
+  T = 512 on without a window and 2-7x with one; below 512 the gain is small or negative
+  (one or two 128-blocks, where the tiling buys nothing). Elsewhere
+  (not measured) `blocked` only when T >= AUTO_BLOCKED_MIN_T and either there is a window
+  with w <= T / AUTO_WINDOW_RATIO (the masked T×T work is mostly wasted) or T >= AUTO_LONG_T
   (the T×T scores stop fitting comfortably in memory); `xla` otherwise.
 
 An explicit boolean `mask_BTS` (KV-cache decoding, queries and keys at different positions)
@@ -42,17 +45,24 @@ def resolve_impl(
     seq_len: int | None = None,
     window: int | None = None,
     head_dim: int | None = None,
+    backend: str | None = None,
 ) -> str:
-    """The implementation `auto` picks for this backend, dtype and shape (see module doc)."""
+    """The implementation `auto` picks for this backend, dtype and shape (see module doc).
+
+    `backend` defaults to `jax.default_backend()`.
+    """
     if impl not in IMPLS:
         raise UserError(f"unknown attention impl {impl!r}; use one of {IMPLS}")
     if impl != "auto":
         return impl
+    backend = jax.default_backend() if backend is None else backend
     head_ok = head_dim is None or (head_dim % 8 == 0 and head_dim <= 128)
-    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in _CUDNN_DTYPES and head_ok:
+    if backend == "gpu" and jnp.dtype(dtype) in _CUDNN_DTYPES and head_ok:
         return "cudnn"
     if seq_len is None or seq_len < AUTO_BLOCKED_MIN_T:
         return "xla"
+    if backend == "cpu":
+        return "blocked"
     if window is not None and window * AUTO_WINDOW_RATIO <= seq_len:
         return "blocked"
     return "blocked" if seq_len >= AUTO_LONG_T else "xla"

@@ -115,13 +115,22 @@ def test_schedule_picks_the_cheaper_tiling():
 
 
 def test_auto_rule_and_auto_matches_xla():
-    assert resolve_impl("auto", jnp.float32, seq_len=64, window=None) == "xla"
-    assert resolve_impl("auto", jnp.float32, seq_len=4096, window=4096) == "xla"
-    assert resolve_impl("auto", jnp.float32, seq_len=4096, window=256) == "blocked"
-    assert resolve_impl("auto", jnp.float32, seq_len=attention.AUTO_LONG_T, window=None) == (
-        "blocked"
-    )
-    assert resolve_impl("auto", jnp.bfloat16) == "xla"  # no GPU here, so never cudnn
+    t_min, t_long = attention.AUTO_BLOCKED_MIN_T, attention.AUTO_LONG_T
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    for backend in ("cpu", "gpu", "tpu"):
+        rule = functools.partial(resolve_impl, "auto", f32, backend=backend)
+        assert rule(seq_len=t_min - 1, window=None) == "xla"
+        assert rule(seq_len=t_min - 1, window=8) == "xla"
+        assert rule(seq_len=4096, window=256) == "blocked"
+        assert rule(seq_len=t_long, window=None) == "blocked"
+    # CPU (measured): blocked from t_min on, window or not. Elsewhere only past the ratio/long T.
+    assert resolve_impl("auto", f32, seq_len=t_min, window=None, backend="cpu") == "blocked"
+    assert resolve_impl("auto", f32, seq_len=4096, window=4096, backend="cpu") == "blocked"
+    assert resolve_impl("auto", f32, seq_len=4096, window=4096, backend="gpu") == "xla"
+    assert resolve_impl("auto", f32, seq_len=4096, window=2048, backend="gpu") == "xla"
+    assert resolve_impl("auto", bf16, seq_len=4096, window=None, backend="gpu") == "cudnn"
+    assert resolve_impl("auto", bf16, head_dim=160, backend="gpu") == "xla"
+    assert resolve_impl("auto", bf16) == "xla"  # no GPU here, so never cudnn
     for impl in ("xla", "blocked", "cudnn"):
         assert resolve_impl(impl, jnp.float32) == impl
     t, w = attention.AUTO_BLOCKED_MIN_T, 16
@@ -191,6 +200,20 @@ def test_bench_json_records_and_exponent(capsys, tmp_path):
     assert xla_full[128] > 3 * xla_full[64]  # the T×T scores dominate: about 4x
     assert png.stat().st_size > 10_000
     assert bench.fit_exponent([1, 2, 4], [3.0, 12.0, 48.0]) == pytest.approx(2.0)
+
+
+def test_bench_skips_points_that_do_not_fit_and_ratios_at_largest_timed_t(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_available_bytes", lambda: 1)  # nothing fits
+    argv = ["--seq-lens", "32", "--impls", "xla", "--windows", "none", "--n-head", "1"]
+    assert bench.main(argv + ["--head-dim", "8", "--repeats", "1", "--plot", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "xla        full     32     skipped" in out  # compiled memory shown, not run
+    rec = lambda impl, t, ms: dict(impl=impl, T=t, window=None, fwd_bwd_ms=ms, peak_bytes=t)  # noqa: E731
+    records = [rec("xla", 2, 40.0), rec("xla", 4, None), rec("blocked", 2, 10.0)]
+    records.append(rec("blocked", 4, 20.0))
+    rows = {line[:18].strip(): line.split() for line in bench.summarise(records).splitlines()}
+    assert rows["blocked full"][2:] == ["1.00", "1.00", "4", "20.0", "4.0x", "at", "2"]
+    assert rows["xla full"][2:] == ["-", "1.00", "4", "-", "1.0x", "at", "2"]
 
 
 def _train(cfg: ModelConfig, state, tokens_BT, steps: int):

@@ -7,9 +7,11 @@
 Each point times `jax.value_and_grad` of sum(attention(q, k, v)) over q, k, v (best of
 `--repeats` after one warm-up call). Peak memory is XLA's compiled memory analysis on CPU
 and the device's `peak_bytes_in_use` on GPU, where every point then runs in its own process
-so the peak starts from zero. `torch` is `torch.nn.functional.scaled_dot_product_attention`
-on the same shapes (peak memory only on CUDA). A line of points gets a fitted exponent p in
-time ∝ T^p (and memory ∝ T^p) by least squares on log-log axes.
+so the peak starts from zero. On CPU a point whose compiled peak is over 90% of the
+available memory is compiled but not run: its time is `skipped` (None in JSON). `torch` is
+`torch.nn.functional.scaled_dot_product_attention` on the same shapes (peak memory only on
+CUDA). A line of points gets a fitted exponent p in time ∝ T^p (and memory ∝ T^p) by least
+squares on log-log axes, over its timed points for time.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ FIELDS = (
     "fwd_bwd_ms",
     "peak_bytes",
 )
-DEFAULT_PLOT = "docs/attention_scaling.png"
+DEFAULT_PLOT = "docs/bench/attention_scaling.png"
 SLOW_WARMUP_S = 20.0  # a warm-up slower than this is timed once more instead of --repeats
 
 
@@ -251,23 +253,27 @@ def _label(impl: str, window: int | None) -> str:
 
 
 def summarise(records: list[dict]) -> str:
-    """Exponents per line and each line's speed-up over full-causal xla at the largest T."""
+    """Exponents per line, and each line's speed-up over full-causal xla at the largest T
+    where both were timed (a point too big to run has no time and is left out of the fit)."""
     lines = {}
     for r in records:
         lines.setdefault((r["impl"], r["window"]), []).append(r)
     ref = {r["T"]: r["fwd_bwd_ms"] for r in records if r["impl"] == "xla" and r["window"] is None}
-    out = ["line               time exp  mem exp  T_max  ms@T_max   xla-full/this"]
+    out = ["line               time exp  mem exp  T_max  ms@T_max   xla-full/this at T"]
     for (impl, window), rs in lines.items():
         rs = sorted(rs, key=lambda r: r["T"])
         te = fit_exponent([r["T"] for r in rs], [r["fwd_bwd_ms"] for r in rs])
         me = fit_exponent([r["T"] for r in rs], [r["peak_bytes"] for r in rs])
         last = rs[-1]
-        speed = ref.get(last["T"])
-        ratio = f"{speed / last['fwd_bwd_ms']:.1f}x" if speed and last["fwd_bwd_ms"] else "-"
+        both = [r for r in rs if r["fwd_bwd_ms"] and ref.get(r["T"])]
+        ratio = "-"
+        if both:
+            r = both[-1]
+            ratio = f"{ref[r['T']] / r['fwd_bwd_ms']:.1f}x at {r['T']}"
         ms = f"{last['fwd_bwd_ms']:.1f}" if last["fwd_bwd_ms"] else "-"
         out.append(
             f"{_label(impl, window):18s} {_fmt(te):>8s} {_fmt(me):>8s} {last['T']:6d} "
-            f"{ms:>9s} {ratio:>14s}"
+            f"{ms:>9s} {ratio:>19s}"
         )
     return "\n".join(out)
 
@@ -294,8 +300,13 @@ def plot(records: list[dict], path: str, title: str) -> None:
             pts = [(r["T"], r[key] * scale) for r in rs if r[key]]
             if pts:
                 exp = fit_exponent([p[0] for p in pts], [p[1] for p in pts])
-                ax.plot(*zip(*pts, strict=True), style, marker="o",
-                        label=f"{_label(impl, window)} (T^{_fmt(exp)})")  # fmt: skip
+                (line,) = ax.plot(*zip(*pts, strict=True), style, marker="o",
+                                  label=f"{_label(impl, window)} (T^{_fmt(exp)})")  # fmt: skip
+                # Too big to run: its memory comes from the compiled program only; hollow.
+                untimed = [(r["T"], r[key] * scale) for r in rs if r[key] and not r["fwd_bwd_ms"]]
+                if untimed:
+                    ax.plot(*zip(*untimed, strict=True), "o", markersize=9, color="white",
+                            markeredgecolor=line.get_color())  # fmt: skip
     for ax, ylabel in zip(axes, ("fwd+bwd time (ms)", "peak memory (MiB)"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
