@@ -158,7 +158,12 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-    distributed: str = "auto"  # "auto" | "on" | "off"
+    distributed: str | bool = "auto"  # "auto" | "on" | "off"
+
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads a bare on / off (mesh.distributed=on) as a boolean.
+        if isinstance(self.distributed, bool):
+            object.__setattr__(self, "distributed", "on" if self.distributed else "off")
 
 
 @dataclass(frozen=True)

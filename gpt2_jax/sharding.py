@@ -127,6 +127,22 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
         )
 
 
+def check_process_batch(mesh: Mesh) -> None:
+    """Each process loads its own 1/process_count of the batch rows, so no batch shard may sit
+    on devices of two processes (it would need the same rows loaded twice)."""
+    n = _axis_size(mesh, RULES["batch"])
+    owners: dict[int, set[int]] = {}
+    for device, (rows, _) in NamedSharding(mesh, batch_spec()).devices_indices_map((n, 1)).items():
+        owners.setdefault(rows.start or 0, set()).add(device.process_index)
+    shared = sorted(r for r, procs in owners.items() if len(procs) > 1)
+    if shared:
+        raise UserError(
+            f"batch shard {shared[0]} of mesh {dict(mesh.shape)} spans processes "
+            f"{sorted(owners[shared[0]])}; make data×fsdp a multiple of the process count "
+            "(mesh.tensor at most the devices of one process)"
+        )
+
+
 def check_heads(n_head: int, mesh: Mesh) -> None:
     t = mesh.shape["tensor"]
     if n_head % t:

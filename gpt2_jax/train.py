@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import statistics
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import yaml
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gpt2_jax import distributed, sharding
@@ -77,7 +79,8 @@ def prepare_out_dir(cfg: Config) -> Path:
     out = Path(cfg.train.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
+        # One probe per process: hosts sharing out_dir must not delete each other's.
+        probe = out / f".write_test.{socket.gethostname()}.{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -335,9 +338,12 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
                     f"step {step}: val loss {last_val:.4f}, ppl {math.exp(last_val):.2f}",
                     file=sys.stderr,
                 )
-            if t.sample_every and step % t.sample_every == 0 and is_main:
-                text = sample_text(trainer, state.params, cfg)
-                bar.write(f"--- sample at step {step} ---\n{text}", file=sys.stderr)
+            if t.sample_every and step % t.sample_every == 0:
+                # FSDP params may span hosts: every process joins the gather, process 0 samples.
+                host_params = multihost_utils.process_allgather(state.params, tiled=True)
+                if is_main:
+                    text = sample_text(trainer, host_params, cfg)
+                    bar.write(f"--- sample at step {step} ---\n{text}", file=sys.stderr)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 if pending is not None:
                     check(pending)  # never checkpoint a run that just went non-finite
