@@ -1,0 +1,58 @@
+"""`python -m gpt2_jax.bench generate` on a tiny grid: its records and what they must show."""
+
+import json
+
+import pytest
+
+from gpt2_jax.bench import generate as bench
+
+TINY = ["--contexts", "12", "--new-tokens", "3", "--repeats", "1", "--model", "1x32x4",
+        "--window", "8", "--vocab-size", "64", "--lengths", "4,20"]  # fmt: skip
+
+
+def test_json_records_gqa_quarter_and_flat_window_cache(capsys):
+    code = bench.main(["--parts", "decode,memory", *TINY, "--json"])
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert code == 0
+
+    decode = {(r["variant"], r["mode"]): r for r in records if r["kind"] == "decode"}
+    assert set(decode) == {(v, m) for v in bench.VARIANTS for m in ("recompute", "cached")}
+    for (_, mode), r in decode.items():
+        fields = bench.DECODE_FIELDS if mode == "cached" else bench.DECODE_FIELDS[:6]
+        assert set(fields) <= set(r) and r["context"] == 12
+        assert r["ms_per_token"] > 0 and r["tokens_per_s"] * r["ms_per_token"] == pytest.approx(1e3)
+    mha, gqa, swa = (decode[(v, "cached")] for v in bench.VARIANTS)
+    assert (mha["n_kv_head"], gqa["n_kv_head"]) == (4, 1)
+    # K and V of 1 layer, 4 heads of dim 8, fp32; the cache holds prompt + every new token.
+    assert mha["kv_bytes_per_token"] == 2 * 4 * 8 * 4
+    assert gqa["cache_bytes"] * 4 == mha["cache_bytes"] and gqa["cache_slots"] == 12 + 2 + 3 + 1
+    assert swa["cache_slots"] == 8 and swa["kv_bytes_per_token"] == mha["kv_bytes_per_token"]
+
+    memory = {(r["variant"], r["generated"]): r for r in records if r["kind"] == "memory"}
+    assert set(memory) == {(v, n) for v in bench.VARIANTS for n in (4, 20)}
+    for r in memory.values():
+        assert set(bench.MEMORY_FIELDS) <= set(r)
+    assert memory[("mha", 20)]["cache_slots"] == 12 + 20
+    assert memory[("mha", 20)]["cache_bytes"] == 4 * memory[("gqa", 20)]["cache_bytes"]
+    assert memory[("swa", 4)]["source"] == "decoded"
+    assert memory[("swa", 4)]["cache_bytes"] == memory[("swa", 20)]["cache_bytes"] == 8 * 256
+    assert "gqa KV cache exactly 1/4 of mha: 64 vs 256 B/token (met)" in captured.err
+    assert "swa decode memory flat" in captured.err and "(met)" in captured.err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variants", "mha,xyz"], "--variants"),
+        (["--model", "2x30x4"], "HEADS dividing EMBD"),
+        (["--model", "2x24x6"], "multiple of 4"),
+        (["--contexts", "0"], "positive"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert message in err
