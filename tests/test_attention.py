@@ -217,11 +217,13 @@ def test_bench_skips_points_that_do_not_fit_and_ratios_at_largest_timed_t(capsys
 
 
 def _train(cfg: ModelConfig, state, tokens_BT, steps: int):
-    """Losses and parameters after each adamw step, starting from `state`."""
+    """Losses, gradients and parameters after each SGD step, starting from `state`."""
     model = GPT(cfg, rngs=nnx.Rngs(0))
     nnx.update(model, state)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt = optax.adamw(3e-3)  # Adam turns tiny gradient differences into lr-sized steps
+    # SGD, not Adam: Adam divides by |g|, so a 1e-8 difference in a near-zero gradient
+    # becomes an lr-sized step difference; SGD keeps parameter differences lr × Σ|Δg|.
+    opt = optax.sgd(0.5, momentum=0.9)
 
     @jax.jit
     def step(params, opt_state):
