@@ -77,11 +77,28 @@ def probs(logits_BV: jax.Array, temperature, **filters) -> jax.Array:
     return jax.nn.softmax(warp_logits(logits_BV, temperature, **filters), axis=-1)
 
 
+def categorical(keys_B: jax.Array, probs_BV: jax.Array) -> jax.Array:
+    """One draw per row from `probs_BV` (rows need not be normalised) by inverting the CDF.
+
+    One uniform number per row: jax.random.categorical draws one Gumbel number per token, and
+    50257 of them cost more than a small model's whole decode step on a CPU.
+    """
+    cdf_BV = jnp.cumsum(probs_BV.astype(jnp.float32), axis=-1)
+    u_B = jax.vmap(jax.random.uniform)(keys_B) * cdf_BV[:, -1]
+    drawn_B = jnp.sum(cdf_BV <= u_B[:, None], axis=-1)  # first index whose CDF exceeds u
+    # Rounding can put u at the total: fall back to the last token with non-zero probability.
+    last_B = probs_BV.shape[-1] - 1 - jnp.argmax(probs_BV[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(drawn_B, last_B).astype(jnp.int32)
+
+
 def sample(logits_BV: jax.Array, keys_B: jax.Array, temperature, **filters) -> jax.Array:
     """One token per row, row b drawn with its own key `keys_B[b]`; argmax when T == 0."""
-    warped_BV = warp_logits(logits_BV, temperature, **filters)
-    drawn_B = jax.vmap(jax.random.categorical)(keys_B, warped_BV)
-    return jnp.where(temperature == 0, jnp.argmax(logits_BV, axis=-1), drawn_B).astype(jnp.int32)
+    # A cond, not a select: greedy decoding then skips the softmax and CDF over the vocabulary.
+    return jax.lax.cond(
+        temperature == 0,
+        lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32),
+        lambda: categorical(keys_B, probs(logits_BV, temperature, **filters)),
+    )
 
 
 def step_keys(keys_B: jax.Array, positions_B: jax.Array) -> jax.Array:

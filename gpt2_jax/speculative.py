@@ -24,7 +24,7 @@ from flax import nnx
 from gpt2_jax.errors import UserError
 from gpt2_jax.kv_cache import cache_size, forward_cached, prefill
 from gpt2_jax.model import GPT
-from gpt2_jax.sampling import Sampling, probs, sample, step_keys
+from gpt2_jax.sampling import Sampling, categorical, probs, sample, step_keys
 
 TRACES: collections.Counter = collections.Counter()  # how often each jitted step was traced
 
@@ -61,10 +61,6 @@ def _start(tgraph, tstate, dgraph, dstate, prompt_BT, keys_B, temperature, t_siz
     return first_B, t_cache, d_cache
 
 
-def _draw(keys_B: jax.Array, probs_BV: jax.Array) -> jax.Array:
-    return jax.vmap(jax.random.categorical)(keys_B, jnp.log(probs_BV)).astype(jnp.int32)
-
-
 @functools.partial(
     jax.jit, static_argnames=("tgraph", "dgraph", "k", "top_k", "top_p"), donate_argnums=(4, 5)
 )
@@ -84,13 +80,13 @@ def _round(tgraph, tstate, dgraph, dstate, t_cache, d_cache, last2_B2, n_B, limi
     pos2_B2 = n_B[:, None] + jnp.array([-2, -1])
     d_logits_B2V, d_cache = forward_cached(draft, d_cache, last2_B2, pos2_B2)
     q1_BV = dist(d_logits_B2V[:, -1])
-    d1_B = _draw(key_of(0), q1_BV)
+    d1_B = categorical(key_of(0), q1_BV)
 
     def draft_step(carry, i):
         cache, tok_B = carry
         logits_B1V, cache = forward_cached(draft, cache, tok_B[:, None], (n_B + i - 1)[:, None])
         q_BV = dist(logits_B1V[:, 0])
-        nxt_B = _draw(key_of(i + 1), q_BV)
+        nxt_B = categorical(key_of(i + 1), q_BV)
         return (cache, nxt_B), (nxt_B, q_BV)
 
     (d_cache, _), (ds_KB, qs_KBV) = jax.lax.scan(draft_step, (d_cache, d1_B), jnp.arange(1, k))
@@ -117,7 +113,7 @@ def _round(tgraph, tstate, dgraph, dstate, t_cache, d_cache, last2_B2, n_B, limi
     # Rounding can reject when p ≈ q, leaving no residual mass: fall back to p itself.
     resid_BV = jnp.where(mass_B1 > 0, resid_BV / jnp.where(mass_B1 > 0, mass_B1, 1.0),
                          p_BK1V[rows_B, accepted_B])  # fmt: skip
-    fix_B = _draw(key_of(k + 2), resid_BV)
+    fix_B = categorical(key_of(k + 2), resid_BV)
 
     slot_K1 = jnp.arange(k + 1)
     drafts_BK1 = jnp.concatenate([drafts_BK, drafts_BK[:, -1:]], axis=1)

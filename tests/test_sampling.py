@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpt2_jax.errors import UserError
-from gpt2_jax.sampling import Sampling, keep_top_k, keep_top_p, probs, sample
+from gpt2_jax.sampling import Sampling, categorical, keep_top_k, keep_top_p, probs, sample
 
 
 def _logits(rows=6, vocab=20, seed=0):
@@ -91,6 +91,18 @@ def test_sampling_is_seeded_and_stays_in_the_kept_set():
     # Frequencies within 5 standard errors of the kept distribution.
     freq = np.bincount(a, minlength=20) / 4000
     assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / 4000) + 1e-9)
+
+
+def test_categorical_takes_unnormalised_weights_and_never_draws_zero_weight():
+    # Zero weight at both ends and in the middle; rows sum to 3, not 1.
+    w = np.array([0.0, 1.2, 0.0, 0.3, 1.5, 0.0, 0.0], np.float32)
+    n = 20000
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    drawn = np.asarray(categorical(keys, jnp.tile(jnp.asarray(w), (n, 1))))
+    p = w / w.sum()
+    freq = np.bincount(drawn, minlength=len(w)) / n
+    assert set(np.unique(drawn).tolist()) == {1, 3, 4}
+    assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-9)
 
 
 @pytest.mark.parametrize(
