@@ -1,9 +1,9 @@
 """Generation: KV-cached decoding against full recomputation, cache bytes, speculative decoding.
 
     python -m gpt2_jax.bench generate [--parts decode,memory,speculative]
-        [--contexts 128,256,512,1024] [--new-tokens 24] [--repeats 3] [--model 6x384x8]
+        [--contexts 128,256,512,1024] [--new-tokens 24] [--repeats 3] [--model 12x768x12]
         [--variants mha,gqa,swa] [--window 128] [--vocab-size 50257] [--lengths 256,512,1024]
-        [--target 4x256x4] [--draft 2x64x2] [--train-steps 60] [--speculative-k 2,4]
+        [--target 6x384x8] [--draft 2x64x2] [--train-steps 200] [--speculative-k 2,4]
         [--spec-prompts 3] [--spec-new-tokens 48] [--train-dir DIR] [--json]
 
 decode: randomly initialised RoPE variants of one model (`--model` LAYERSxEMBDxHEADS): `mha`,
@@ -89,14 +89,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--contexts", default="128,256,512,1024", help="context lengths T (decode)")
     p.add_argument("--new-tokens", type=int, default=24, help="timed decode steps per context")
     p.add_argument("--repeats", type=int, default=3, help="timed recompute forwards per context")
-    p.add_argument("--model", default="6x384x8", help="decode/memory model LAYERSxEMBDxHEADS")
+    p.add_argument("--model", default="12x768x12", help="decode/memory model LAYERSxEMBDxHEADS")
     p.add_argument("--variants", default="mha,gqa,swa", help="subset of mha,gqa,swa")
     p.add_argument("--window", type=int, default=128, help="sliding window of the swa variant")
     p.add_argument("--vocab-size", type=int, default=50257, help="vocabulary (decode/memory)")
     p.add_argument("--lengths", default="256,512,1024", help="generated lengths (memory)")
-    p.add_argument("--target", default="4x256x4", help="speculative target LAYERSxEMBDxHEADS")
+    p.add_argument("--target", default="6x384x8", help="speculative target LAYERSxEMBDxHEADS")
     p.add_argument("--draft", default="2x64x2", help="speculative draft LAYERSxEMBDxHEADS")
-    p.add_argument("--train-steps", type=int, default=60,
+    p.add_argument("--train-steps", type=int, default=200,
                    help="training steps of target and draft each (0 = random weights)")  # fmt: skip
     p.add_argument("--speculative-k", default="2,4", help="draft tokens per round (a list)")
     p.add_argument("--spec-prompts", type=int, default=3, help="validation-text prompts per point")
