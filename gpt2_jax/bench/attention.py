@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gpt2_jax.bench._flags import int_list
 from gpt2_jax.errors import UserError, cli_main
 
 IMPLS = ("auto", "xla", "blocked", "cudnn", "torch")
@@ -43,16 +44,6 @@ FIELDS = (
 )
 DEFAULT_PLOT = "docs/bench/attention_scaling.png"
 SLOW_WARMUP_S = 20.0  # a warm-up slower than this is timed once more instead of --repeats
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise UserError(f"{flag} takes positive integers, got {text!r}")
-    return values
 
 
 def _windows(text: str) -> list[int | None]:
@@ -100,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--isolate", choices=("auto", "on", "off"), default="auto",
                    help="run each point in its own process (auto: on a GPU)")  # fmt: skip
     args = p.parse_args(argv)
-    args.seq_lens = _int_list(args.seq_lens, "--seq-lens")
+    args.seq_lens = int_list(args.seq_lens, "--seq-lens")
     args.windows = _windows(args.windows)
     args.n_kv_head = args.n_head if args.n_kv_head is None else args.n_kv_head
     for name in ("n_head", "n_kv_head", "head_dim", "batch", "repeats"):

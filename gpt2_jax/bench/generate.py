@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gpt2_jax.bench._flags import int_list, name_list
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
@@ -50,23 +51,6 @@ SPEC_PROMPT_LEN = 32
 DECODE_FIELDS = ("kind", "variant", "mode", "context", "ms_per_token", "tokens_per_s",
                  "cache_slots", "cache_bytes", "kv_bytes_per_token")  # fmt: skip
 MEMORY_FIELDS = ("kind", "variant", "generated", "cache_slots", "cache_bytes", "source")
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise UserError(f"{flag} takes positive integers, got {text!r}")
-    return values
-
-
-def _names(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    if not names or set(names) - set(allowed):
-        raise UserError(f"{flag} takes a subset of {','.join(allowed)}, got {text!r}")
-    return names
 
 
 def _shape(text: str, flag: str) -> tuple[int, int, int]:
@@ -107,13 +91,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="weights and token seed")
     p.add_argument("--json", action="store_true", help="print one JSON object per measurement")
     a = p.parse_args(argv)
-    a.parts = _names(a.parts, PARTS, "--parts")
-    a.variants = _names(a.variants, VARIANTS, "--variants")
-    a.contexts = sorted(_ints(a.contexts, "--contexts"))
-    a.lengths = sorted(_ints(a.lengths, "--lengths"))
+    a.parts = name_list(a.parts, PARTS, "--parts")
+    a.variants = name_list(a.variants, VARIANTS, "--variants")
+    if not a.parts or not a.variants:
+        raise UserError("--parts and --variants need at least one name each")
+    a.contexts = sorted(int_list(a.contexts, "--contexts"))
+    a.lengths = sorted(int_list(a.lengths, "--lengths"))
     a.model = _shape(a.model, "--model")
     a.target, a.draft = _shape(a.target, "--target"), _shape(a.draft, "--draft")
-    a.speculative_k = _ints(a.speculative_k, "--speculative-k")
+    a.speculative_k = int_list(a.speculative_k, "--speculative-k")
     for name in ("new_tokens", "repeats", "window", "vocab_size", "spec_prompts",
                  "spec_new_tokens"):  # fmt: skip
         if getattr(a, name) <= 0:

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt2_jax.bench._flags import name_list
 from gpt2_jax.bench._variants_report import markdown, plots
 from gpt2_jax.config import Config, config_from_dict, load_config, to_dict
 from gpt2_jax.errors import ArgParser, UserError, cli_main
@@ -140,16 +141,6 @@ PRESETS = {
 }
 
 
-def _names(text: str, allowed, flag: str) -> list[str]:
-    if text.strip() == "none":
-        return []
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items or any(x not in allowed for x in items):
-        raise UserError(f"{flag} takes a comma-separated subset of {','.join(allowed)}, "
-                        f"got {text!r}")  # fmt: skip
-    return items
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgParser(prog="python -m gpt2_jax.bench variants",
                   description="Train and measure the GPT-2 variants side by side.")  # fmt: skip
@@ -181,10 +172,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="config overrides applied to every row after the preset")  # fmt: skip
     a = p.parse_args(argv)
     a.preset_cfg = pre = PRESETS[a.preset]
-    a.rows = _names(a.rows, ROWS, "--rows")
+    a.rows = name_list(a.rows, ROWS, "--rows")
     if not a.rows:
         raise UserError("--rows is empty; name at least one row, e.g. --rows standard,rope")
-    a.peers = _names(a.peers, PEERS, "--peers") if a.peers else list(pre.peers)
+    a.peers = name_list(a.peers, PEERS, "--peers") if a.peers else list(pre.peers)
     if pre.gpu and "ref" in a.peers:
         raise UserError("the ref peer (gpt2_torch_ref) runs on CPU only; use --peers hf or none")
     a.rounds = pre.rounds if a.rounds is None else a.rounds
@@ -250,7 +241,9 @@ class RowProcess:
         return self._read()
 
     def wait_ready(self) -> None:
-        self.record = self._read()["ready"]
+        """Wait for the row's first reply (once: later calls return at once)."""
+        if not self.record:
+            self.record = self._read()["ready"]
 
     def time_round(self, steps: int) -> None:
         self.train_s.append(self._ask(cmd="train", steps=steps)["seconds"])
