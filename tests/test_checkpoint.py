@@ -62,14 +62,18 @@ def _cli(out: Path, prepared: Path, *extra: str) -> list[str]:
             "train.eval_every=0", *extra]  # fmt: skip
 
 
-def _wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
+def _wait_for_step(
+    out: Path, proc: subprocess.Popen, step: int, timeout: float = 240, checkpoint: int = 0
+) -> None:
+    """Until `step` is logged and, if `checkpoint`, that step's checkpoint is committed."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (out / "metrics.jsonl").exists() and max(train_losses(out), default=0) >= step:
+        logged = (out / "metrics.jsonl").exists() and max(train_losses(out), default=0) >= step
+        if logged and (not checkpoint or (out / "checkpoints" / str(checkpoint)).is_dir()):
             return
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
-    raise AssertionError(f"step {step} never logged")
+    raise AssertionError(f"step {step} (checkpoint {checkpoint}) never reached")
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, prepared_shakespeare, reference_run):
@@ -77,10 +81,12 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, prepared_shakespeare
     ref = train_losses(reference_run)
     for i in range(KILL_POINTS):
         out = tmp_path / f"kill{i}"
-        kill_after = rng.randint(6, STEPS - 2)  # after the first checkpoint (step 5)
+        kill_after = rng.randint(6, STEPS - 2)
         proc = subprocess.Popen(_cli(out, prepared_shakespeare), cwd=REPO, text=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-        _wait_for_step(out, proc, kill_after)
+        # After the first checkpoint (step 5) is committed: saves are asynchronous, and a kill
+        # before the commit leaves nothing to resume (the rerun then starts afresh).
+        _wait_for_step(out, proc, kill_after, checkpoint=5)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         resumed = subprocess.run(_cli(out, prepared_shakespeare), cwd=REPO, text=True,
