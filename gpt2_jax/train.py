@@ -263,6 +263,18 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
     def save() -> None:
         ckpt.save(state, meta_for_save())
 
+    def stop_agreed(step: int) -> bool:
+        """Stop after `step`? Alone: as soon as signalled. In a cluster every process must save
+        the same step, so they agree at logging steps: any one signalled stops them all."""
+        if jax.process_count() == 1:
+            return stop.requested
+        if step % (t.log_every or 1):
+            return False
+        flags = multihost_utils.process_allgather(np.asarray([stop.requested], np.int32))
+        if flags.any() and not stop.requested:
+            stop.requested, stop.signal_name = True, "stop requested by another process"
+        return bool(flags.any())
+
     last_val = None
     pending = None  # (step, metrics) of the step before: checked one behind, keeps the queue full
     # Step time = wall time from the end of step `synced` to the end of the logged step (its
@@ -352,7 +364,7 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
             paused += time.perf_counter() - max(t_pause, interval_start)
             if step == preempt_at_step:
                 stop.requested, stop.signal_name = True, "preempted"
-            if stop.requested and not at_end:
+            if stop_agreed(step) and not at_end:
                 if pending is not None:
                     check(pending)
                 save()

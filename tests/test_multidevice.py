@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -350,3 +351,37 @@ def test_tensor_group_spanning_processes_is_a_one_line_error(children):
     for rank in (0, 1):
         code, _, err, _ = children[1][f"spanning{rank}"].result()
         assert "spans processes [0, 1]" in _one_error_line(code, err)
+
+
+def test_sigterm_to_one_process_stops_the_cluster_at_one_step(tmp_path, prepared_shakespeare):
+    # SIGTERM reaches one process only; both must save the same step (a save is collective)
+    # and exit 0, the other one saying why it stopped.
+    (port,) = _free_ports(1)
+    out = tmp_path / "term"
+    args = [*TINY_OVERRIDES, f"data.prepared_dir={prepared_shakespeare}", f"train.out_dir={out}",
+            *MULTIHOST_OVERRIDES, "train.max_steps=100000", "train.eval_every=0",
+            "train.sample_every=0", "train.log_every=2", "mesh.distributed=on"]  # fmt: skip
+    kids = [Child(f"term{rank}", [sys.executable, "-m", "gpt2_jax.train", *args],
+                  _cluster_env(4, port, rank), tmp_path) for rank in (0, 1)]  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").exists() or max(train_losses(out), default=0) < 4:
+            running = all(k.seconds is None for k in kids)
+            assert running and time.time() < deadline, [k.err.read_text()[-2000:] for k in kids]
+            time.sleep(0.1)
+        kids[1].proc.send_signal(signal.SIGTERM)
+        for kid in kids:
+            kid._waiter.join(120)  # a process left waiting in a collective would hang here
+        assert all(k.seconds is not None for k in kids), "the cluster did not stop together"
+    finally:
+        for kid in kids:
+            if kid.seconds is None:
+                kid.proc.kill()
+    (code0, _, err0, _), (code1, _, err1, _) = (k.result() for k in kids)
+    assert (code0, code1) == (0, 0), (err0[-2000:], err1[-2000:])
+    saved = [re.findall(r"saved step (\d+)", err) for err in (err0, err1)]
+    assert saved[0] == saved[1] and len(saved[0]) == 1, saved
+    step = int(saved[0][0])
+    assert step % 2 == 0 and step >= 4  # processes agree at logging steps
+    assert "SIGTERM" in err1 and "stop requested by another process" in err0
+    assert (out / "checkpoints" / str(step)).is_dir()
