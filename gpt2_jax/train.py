@@ -108,7 +108,8 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name}: finishing this step, then saving…", file=sys.stderr)
+        when = "this step" if jax.process_count() == 1 else "the next logging step (cluster)"
+        print(f"\n{self.signal_name}: stopping after {when}, then saving…", file=sys.stderr)
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
