@@ -53,14 +53,18 @@ def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
+def table_peak_flops(device_kind: str) -> float | None:
+    """PEAK_FLOPS of the first entry named in `device_kind` (case-insensitive), else None."""
+    return next((f for name, f in PEAK_FLOPS.items() if name.lower() in device_kind.lower()), None)
+
+
 def peak_flops_per_device(override: float | None = None) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the figure came from)."""
     if override:
         return float(override), "train.peak_flops"
     kind = jax.devices()[0].device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops, f"table ({kind})"
+    if (flops := table_peak_flops(kind)) is not None:
+        return flops, f"table ({kind})"
     if jax.default_backend() == "cpu":
         return measure_cpu_matmul_flops(), "CPU matmul probe"
     return float("nan"), f"unknown device {kind!r}; set train.peak_flops"

@@ -185,7 +185,8 @@ class GPT(nnx.Module):
             )
         return self.lm_head(x_BTD).astype(jnp.float32)
 
-    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+    def hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+        """The last block's output [B, T, D] (before the final LayerNorm and the LM head)."""
         check_tokens(tokens_BT, self.cfg)
         B, T = tokens_BT.shape
         if positions_BT is None:
@@ -194,7 +195,10 @@ class GPT(nnx.Module):
         run_block = _remat_block(self.remat)
         for block in self.h:
             x_BTD = run_block(block, x_BTD, rope_cs)
-        return self.logits(x_BTD)
+        return x_BTD
+
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.hidden(tokens_BT, positions_BT))
 
 
 def check_tokens(tokens_BT, cfg: ModelConfig) -> None:

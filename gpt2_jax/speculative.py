@@ -111,8 +111,8 @@ def _round(tgraph, tstate, dgraph, dstate, t_cache, d_cache, last2_B2, n_B, limi
     resid_BV = resid_BK1V[rows_B, accepted_B]
     mass_B1 = resid_BV.sum(-1, keepdims=True)
     # Rounding can reject when p ≈ q, leaving no residual mass: fall back to p itself.
-    resid_BV = jnp.where(mass_B1 > 0, resid_BV / jnp.where(mass_B1 > 0, mass_B1, 1.0),
-                         p_BK1V[rows_B, accepted_B])  # fmt: skip
+    # (categorical draws from unnormalised weights.)
+    resid_BV = jnp.where(mass_B1 > 0, resid_BV, p_BK1V[rows_B, accepted_B])
     fix_B = categorical(key_of(k + 2), resid_BV)
 
     slot_K1 = jnp.arange(k + 1)

@@ -77,12 +77,11 @@ def _cpu_device() -> str:
 def mfu(cfg: Config, n_params_no_pos: int, tok_s: float | None, device: str) -> float | None:
     """PaLM MFU of `tok_s` against gpt2_jax.metrics' peak table (or train.peak_flops); None on
     CPU, which has no fixed peak, and on a device the table lacks."""
-    from gpt2_jax.metrics import PEAK_FLOPS, flops_per_token
+    from gpt2_jax.metrics import flops_per_token, table_peak_flops
 
     if device.startswith("cpu") or tok_s is None:
         return None
-    match = (f for name, f in PEAK_FLOPS.items() if name.lower() in device.lower())
-    peak = cfg.train.peak_flops or next(match, None)
+    peak = cfg.train.peak_flops or table_peak_flops(device)
     if not peak:
         return None
     return flops_per_token(cfg.model, n_params_no_pos, cfg.train.seq_len) * tok_s / peak

@@ -156,11 +156,7 @@ def _recompute_step(graphdef, state, tokens_BT):
     """The next greedy token without a cache: the model's blocks over all T tokens."""
     model = nnx.merge(graphdef, state)
     model.eval()
-    B, T = tokens_BT.shape
-    x_BTD, rope_cs = model.embed(tokens_BT, jnp.broadcast_to(jnp.arange(T), (B, T)))
-    for block in model.h:
-        x_BTD = block(x_BTD, rope_cs)
-    logits_BV = model.logits(x_BTD[:, -1:])[:, 0]  # only the last position is needed
+    logits_BV = model.logits(model.hidden(tokens_BT)[:, -1:])[:, 0]  # the last position only
     return jnp.argmax(logits_BV, axis=-1)
 
 
