@@ -9,6 +9,9 @@ variant `transformers.GPT2LMHeadModel.from_pretrained` loads it. RoPE / GQA / wi
 variants carry the extra config keys `n_kv_head`, `pos_embedding`, `rope_theta`,
 `attention_window` and `bias`, which transformers ignores; `gpt2_torch_ref.load_folder` reads
 them.
+
+A non-empty `--out` is replaced only with `--overwrite`, and never when it is, contains or lies
+inside the input, or holds a training run, an orbax checkpoint or prepared data.
 """
 
 from __future__ import annotations
@@ -28,20 +31,75 @@ from gpt2_jax.loading import load_model
 from gpt2_jax.model import GPT, count_params
 from gpt2_jax.weights import to_hf_state_dict
 
+# What a training run, an orbax checkpoint or prepared data keeps in a directory: --overwrite
+# deletes --out, so a directory holding any of these is refused even with it.
+RUN_FILES = {
+    "checkpoints": "a training run (checkpoints/)",
+    "metrics.jsonl": "a training run (metrics.jsonl)",
+    "config.yaml": "a training run (config.yaml)",
+    "train.bin": "prepared training data (train.bin)",
+    "val.bin": "prepared training data (val.bin)",
+}
+ORBAX_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "commit_success.txt")
 
-def _check_out(src: Path, out: Path, overwrite: bool) -> None:
-    if out.resolve() == src.resolve():
+
+def _is_checkpoint(d: Path) -> bool:
+    """An orbax checkpoint step directory or one of its items."""
+    return any((d / name).exists() for name in ORBAX_FILES)
+
+
+def _protected(d: Path) -> str | None:
+    """What the directory `d` holds that must never be deleted, or None."""
+    held = [what for name, what in RUN_FILES.items() if (d / name).exists()]
+    if held:
+        return held[0]
+    if _is_checkpoint(d):
+        return "an orbax checkpoint"
+    if any(p.name.isdigit() and _is_checkpoint(p) for p in d.iterdir()):
+        return "orbax checkpoints"
+    return None
+
+
+def _check_apart(src: Path, out: Path, flag: str) -> None:
+    """Refuse an --out that is, contains or lies inside the input (symlinks resolved) or lies
+    inside a checkpoint: replacing it would delete what is being read."""
+    source, target = src.resolve(), out.resolve()
+    if target == source:
         raise UserError(f"--out {out} is the input folder; pick another directory")
+    if target in source.parents:
+        raise UserError(
+            f"--out {out} contains {flag} {src}, which writing --out would delete; pick a "
+            "directory outside it"
+        )
+    if source in target.parents:
+        raise UserError(f"--out {out} lies inside {flag} {src}; pick a directory outside it")
+    inside = next((p for p in target.parents if _is_checkpoint(p)), None)
+    if inside is not None:
+        raise UserError(f"--out {out} lies inside the checkpoint {inside}; pick another directory")
+
+
+def _check_out(src: Path, out: Path, overwrite: bool, flag: str) -> None:
+    _check_apart(src, out, flag)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
+    held = _protected(out.resolve()) if out.is_dir() else None
+    if held is not None:
+        raise UserError(
+            f"--out {out} holds {held}, which --overwrite never replaces (it replaces only a "
+            "previous export); pick a new directory"
+        )
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
 
 
 def write_folder(model: GPT, out: str | Path) -> Path:
     """Save `model` as an HF-format folder at `out`, via a temporary sibling and a rename, after
-    checking the written folder reloads to identical weights."""
-    out = Path(out)
+    checking the written folder reloads to identical weights. An existing `out` is replaced
+    unless it holds a training run or checkpoint (a UserError)."""
+    out = Path(out).resolve()  # a symlinked --out: replace the folder it points to
+    held = _protected(out) if out.is_dir() else None
+    if held is not None:
+        raise UserError(f"{out} holds {held}; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -84,7 +142,7 @@ def from_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> 
             f"{src} is not a GPT-2 folder: it needs config.json and model.safetensors (or "
             "pytorch_model.bin), as transformers' save_pretrained writes"
         )
-    _check_out(src, out, overwrite)
+    _check_out(src, out, overwrite, "--hf-dir")
     model = load_hf_folder(src)
     write_folder(model, out)
     return model
@@ -95,7 +153,7 @@ def to_hf(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -
     model written."""
     src, out = Path(checkpoint), Path(out)
     if src.exists():
-        _check_out(src, out, overwrite)
+        _check_out(src, out, overwrite, "--checkpoint")
     model = load_model(src)
     write_folder(model, out)
     return model
@@ -123,8 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
         "converted folder",
     )
     for p in (f, t):
-        p.add_argument("--out", required=True, help="output directory (empty or new)")
-        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+        p.add_argument(
+            "--out",
+            required=True,
+            help="output directory (empty or new), apart from the input; never a training run, "
+            "checkpoint or prepared data",
+        )
+        p.add_argument(
+            "--overwrite", action="store_true", help="replace a non-empty --out (a previous export)"
+        )
     return ap
 
 

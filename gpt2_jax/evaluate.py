@@ -5,7 +5,15 @@ after the first window that reaches the end of the data. A window scores the tok
 positions max(prev_end, begin + 1) ... end - 1, each predicted from the tokens before it in
 that window (positions restart at 0 in every window). S = N gives non-overlapping windows.
 
-    python -m gpt2_jax.evaluate --checkpoint DIR --data SRC [--seq-len N] [--stride S]
+    python -m gpt2_jax.evaluate --checkpoint DIR --data SRC [--split val|train|all]
+        [--val-fraction F] [--seq-len N] [--stride S]
+
+What is scored: a data source (shakespeare, a directory, glob, .jsonl/.json/.parquet or
+hf:<name>) is split exactly as `gpt2_jax.data.prepare_source` splits it for training (by
+document hash, `--val-fraction` of the documents to val, default DataConfig's), and its val
+split is scored unless `--split train`, or `--split all` (every document, joined by
+<|endoftext|>). A prepared directory scores its val.bin (train.bin with `--split train`). A text
+file or a .bin is one explicit file and is scored whole. One stderr line says which.
 
 prints one JSON line `{"tokens", "nll", "perplexity", "seq_len", "stride"}` to stdout (one per
 length with `--seq-lens`); progress and logs go to stderr.
@@ -18,6 +26,7 @@ import functools
 import json
 import math
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +37,14 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from gpt2_jax.config import DTYPES
+from gpt2_jax.config import DTYPES, DataConfig
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 from gpt2_jax.loading import load_model
 from gpt2_jax.model import GPT
 
 # Files read as collections of documents through gpt2_jax.data rather than as one text.
 DOCUMENT_SUFFIXES = (".jsonl", ".json", ".parquet")
+SPLITS = ("val", "train", "all")
 
 
 @dataclass(frozen=True)
@@ -96,7 +106,6 @@ def _read_text(path: Path) -> str:
 def _source_tokens(spec: str, limit: int | None) -> np.ndarray:
     """The documents of a `data.source` spec (see `gpt2_jax.data`), tokenised and joined by
     <|endoftext|>; stops reading documents once `limit` tokens are collected."""
-    from gpt2_jax.config import DataConfig
     from gpt2_jax.data import resolve_source
     from gpt2_jax.tokenizer import EOT, encode
 
@@ -113,22 +122,95 @@ def _source_tokens(spec: str, limit: int | None) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
-def load_tokens(src: str, *, max_tokens: int | None = None) -> np.ndarray:
-    """Token ids of `src`: a uint16 `.bin` (or a directory holding `val.bin`), a text file
-    (tiktoken gpt2 `encode_ordinary`, no EOT added), or any other `data.source` spec such as
-    `shakespeare` (documents joined by <|endoftext|>). `max_tokens` keeps only the first ones."""
+def check_val_fraction(fraction: float, split: str | None) -> None:
+    if not 0.0 <= fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {fraction}")
+    if fraction == 0 and split in (None, "val"):
+        raise UserError("--val-fraction 0 leaves the val split empty; use --split train or all")
+
+
+def _split_tokens(spec: str, split: str, val_fraction: float | None) -> tuple[np.ndarray, str]:
+    """The train or val split of a source, as `prepare_source` writes it for training (run into
+    a temporary directory, so the hash rule and the documents moved are exactly training's)."""
+    from gpt2_jax.data import prepare_source
+
+    fraction = DataConfig().val_fraction if val_fraction is None else val_fraction
+    check_val_fraction(fraction, split)
+    with tempfile.TemporaryDirectory(prefix="gpt2_jax_eval_") as tmp:
+        prepare_source(DataConfig(source=spec, val_fraction=fraction), tmp)
+        tokens = np.fromfile(Path(tmp) / f"{split}.bin", np.uint16)
+    return tokens, f"the {split} split of {spec} (val_fraction {fraction})"
+
+
+def _prepared_tokens(d: Path, split: str, val_fraction: float | None) -> tuple[np.ndarray, str]:
+    """val.bin or train.bin of a prepared directory; its split is fixed by how it was prepared."""
+    from gpt2_jax.data import read_meta, verify_prepared
+
+    meta = read_meta(d) or {}
+    fixed = f"val_fraction {meta['val_fraction']}" if "val_fraction" in meta else "prepared"
+    if val_fraction is not None:
+        raise UserError(
+            f"--val-fraction applies to a data source, but {d} is already split ({fixed}); "
+            "pass the source itself, or drop --val-fraction"
+        )
+    if split == "all":
+        raise UserError(
+            f"--split all needs the documents in order, but {d} holds them split in two; pass "
+            f"--data {meta.get('source', '<its source>')} --split all"
+        )
+    path = d / f"{split}.bin"
+    if not path.is_file():
+        raise UserError(f"{d} has no {split}.bin (a streaming prepare writes val.bin only)")
+    if meta:
+        verify_prepared(d, meta, [path.name])
+    return _read_bin(path), f"the {split} split of {d} ({fixed})"
+
+
+def _file_tokens(p: Path, split: str | None, val_fraction: float | None) -> tuple[np.ndarray, str]:
+    """A .bin or text file: one explicit file, scored whole, so a split is an error."""
     from gpt2_jax.tokenizer import encode
 
+    if split not in (None, "all") or val_fraction is not None:
+        flag = f"--split {split}" if split not in (None, "all") else "--val-fraction"
+        raise UserError(
+            f"{flag} needs documents to split, but {p} is one file and is scored whole; drop "
+            "it, or pass the documents as a source (.jsonl, directory, glob)"
+        )
+    if p.suffix == ".bin":
+        return _read_bin(p), f"all of {p}"
+    return np.asarray(encode(_read_text(p)), np.int32), f"all of {p} (one text, no EOT added)"
+
+
+def load_data(
+    src: str,
+    *,
+    split: str | None = None,
+    val_fraction: float | None = None,
+    max_tokens: int | None = None,
+) -> tuple[np.ndarray, str]:
+    """Token ids of `src` and a phrase naming them (see the module docstring): `split` (default
+    val, or all for one file) of a source or prepared directory. `max_tokens` keeps the first."""
+    if split is not None and split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     p = Path(src)
     if p.is_dir() and (p / "val.bin").is_file():
-        p = p / "val.bin"
-    if p.is_file() and p.suffix == ".bin":
-        tokens = _read_bin(p)
+        tokens, what = _prepared_tokens(p, split or "val", val_fraction)
     elif p.is_file() and p.suffix.lower() not in DOCUMENT_SUFFIXES:
-        tokens = np.asarray(encode(_read_text(p)), np.int32)
+        tokens, what = _file_tokens(p, split, val_fraction)
+    elif split == "all":
+        if val_fraction is not None:
+            raise UserError("--val-fraction has no effect with --split all; drop one of them")
+        tokens, what = _source_tokens(src, max_tokens), f"all of {src} (documents joined by EOT)"
     else:
-        tokens = _source_tokens(src, max_tokens)
-    return tokens[:max_tokens] if max_tokens is not None else tokens
+        tokens, what = _split_tokens(src, split or "val", val_fraction)
+    if max_tokens is not None and len(tokens) > max_tokens:
+        return tokens[:max_tokens], f"the first {max_tokens:,} tokens of {what}"
+    return tokens, what
+
+
+def load_tokens(src: str, **kwargs) -> np.ndarray:
+    """The token ids `load_data` returns."""
+    return load_data(src, **kwargs)[0]
 
 
 # --------------------------------------------------------------------------- scoring
@@ -250,9 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--data",
         required=True,
-        help="a uint16 .bin (e.g. a prepared val.bin, or its directory), a UTF-8 text file "
-        "(tokenised with tiktoken gpt2, no EOT added), or a data source: shakespeare, a "
-        "directory, glob, .jsonl/.json/.parquet or hf:<name> (documents joined by EOT)",
+        help="a data source: shakespeare, a directory, glob, .jsonl/.json/.parquet or "
+        "hf:<name> (split as for training, see --split); a prepared directory (its val.bin); or "
+        "one file scored whole: a uint16 .bin or a UTF-8 text file (tiktoken gpt2, no EOT added)",
+    )
+    ap.add_argument(
+        "--split",
+        choices=SPLITS,
+        help="which documents of a source or prepared directory: val (the default: exactly "
+        "training's val split), train, or all (a source's documents joined by EOT); a single "
+        "file is always scored whole",
+    )
+    ap.add_argument(
+        "--val-fraction",
+        type=float,
+        help=f"a source's share of documents in val, as data.val_fraction in training "
+        f"(default {DataConfig().val_fraction})",
     )
     lengths = ap.add_mutually_exclusive_group()
     lengths.add_argument(
@@ -266,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stride", type=int, help="window step S, 0 < S <= N (default: N, no overlap)")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
     ap.add_argument(
-        "--max-tokens", type=int, help="score only the first this-many tokens of the data"
+        "--max-tokens", type=int, help="score only the first this-many tokens of the chosen data"
     )
     ap.add_argument(
         "--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)"
@@ -281,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.val_fraction is not None:
+        check_val_fraction(args.val_fraction, args.split)
     lengths = _parse_lengths(args.seq_lens) if args.seq_lens else [args.seq_len]
     for n in lengths:
         if n is not None:
@@ -292,14 +389,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in lengths:
         check_window_args(n, n if args.stride is None else args.stride)
         check_seq_len(model, n)
-    tokens = load_tokens(args.data, max_tokens=args.max_tokens)
+    tokens, what = load_data(
+        args.data, split=args.split, val_fraction=args.val_fraction, max_tokens=args.max_tokens
+    )
     check_tokens(tokens, cfg.vocab_size)
     print(
         f"model: {cfg.n_layer} layers, d={cfg.n_embd}, {cfg.n_head}/{cfg.n_kv_head} heads, "
         f"{cfg.pos_embedding} positions, trained length {cfg.max_seq_len}",
         file=sys.stderr,
     )
-    print(f"data: {len(tokens)} tokens from {args.data}", file=sys.stderr)
+    print(f"scoring {what}: {len(tokens):,} tokens", file=sys.stderr)
 
     results = []
     for n in lengths:

@@ -1,7 +1,8 @@
 """Training metrics: FLOPs and MFU, metrics.jsonl, the loss-curve PNG and wandb.
 
 MFU follows PaLM (Chowdhery et al. 2022, appendix B): a token costs 6·N + 12·L·d·T_attn
-FLOPs for forward + backward, N the parameters without position embeddings, L layers, d the
+FLOPs for forward + backward, N the parameters that take part in matmuls (no position table,
+and no input table when the head is untied: a lookup is not a matmul), L layers, d the
 model width and T_attn the keys a query sees (T for full causal attention, as PaLM counts it;
 min(w, T) with a sliding window w). MFU = achieved FLOP/s ÷ peak FLOP/s of the devices used.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 
@@ -34,10 +36,10 @@ PEAK_FLOPS = {
 }
 
 
-def flops_per_token(cfg: ModelConfig, n_params_no_pos: int, seq_len: int) -> float:
+def flops_per_token(cfg: ModelConfig, n_matmul_params: int, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), PaLM convention."""
     t_attn = seq_len if cfg.attention_window is None else min(cfg.attention_window, seq_len)
-    return 6.0 * n_params_no_pos + 12.0 * cfg.n_layer * cfg.n_embd * t_attn
+    return 6.0 * n_matmul_params + 12.0 * cfg.n_layer * cfg.n_embd * t_attn
 
 
 def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
@@ -70,21 +72,45 @@ def peak_flops_per_device(override: float | None = None) -> tuple[float, str]:
     return float("nan"), f"unknown device {kind!r}; set train.peak_flops"
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary sibling and a rename: a crash leaves the old file or the new."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
+    """(line, record) pairs of a metrics.jsonl, and the numbers of lines that are not a JSON
+    object (a crash mid-write tears the last one)."""
+    pairs, bad = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            pairs.append((line, record))
+        else:
+            bad.append(number)
+    return pairs, bad
+
+
 class MetricsWriter:
     """Appends one JSON object per line to out_dir/metrics.jsonl (process 0 only)."""
 
     def __init__(self, path: Path, *, enabled: bool, resume_step: int = 0):
         self.path, self.enabled = path, enabled
         if enabled and path.exists():
+            pairs, bad = read_metrics(path)
+            if bad:
+                print(f"notice: {path}: dropped {len(bad)} unreadable line(s) (line "
+                      f"{', '.join(map(str, bad))}), as a crash mid-write leaves them",
+                      file=sys.stderr)  # fmt: skip
             # On resume, drop records past the checkpoint so the curve is not duplicated.
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            kept = [line for line, r in pairs if r.get("step", 0) <= resume_step]
+            write_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -101,7 +127,7 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    records = [r for _, r in read_metrics(metrics_path)[0]]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -228,9 +228,12 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     return jnp.mean(lse_BT - target_BT)
 
 
-def count_params(model: GPT, *, exclude_positions: bool = False) -> int:
-    """Parameter count; `exclude_positions` drops `wpe` (the MFU convention)."""
+def count_params(model: GPT, *, matmul_only: bool = False) -> int:
+    """Parameter count; `matmul_only` leaves out the lookup tables (the MFU convention): `wpe`,
+    and `wte` when the head is untied (a tied `wte` is the head's matmul, so it counts)."""
     n = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    if exclude_positions and model.cfg.pos_embedding == "learned":
+    if matmul_only and model.cfg.pos_embedding == "learned":
         n -= model.wpe.embedding.size
+    if matmul_only and not model.cfg.tie_embeddings:
+        n -= model.wte.embedding.size
     return int(n)

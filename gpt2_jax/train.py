@@ -8,6 +8,7 @@ the current step, save and exit 0; a second SIGINT aborts at once.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import shutil
@@ -25,7 +26,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gpt2_jax import distributed, sharding
-from gpt2_jax.checkpoint import Checkpointer, check_same_architecture, warn
+from gpt2_jax.checkpoint import Checkpointer, warn
 from gpt2_jax.config import Config, ConfigError, dump_yaml, load_config, to_dict
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 from gpt2_jax.metrics import (
@@ -34,8 +35,11 @@ from gpt2_jax.metrics import (
     flops_per_token,
     peak_flops_per_device,
     plot_loss_curve,
+    write_atomic,
 )
 from gpt2_jax.model import count_params
+from gpt2_jax.resume import check_resume_config, gather_data_states, own_data_state
+from gpt2_jax.run_lock import RunLock
 from gpt2_jax.train_step import Trainer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -69,6 +73,11 @@ def validate(cfg: Config) -> None:
     for key in ("eval_every", "log_every", "sample_every", "eval_steps"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0")
+    if t.eval_every and cfg.data.val_fraction == 0:
+        raise ConfigError(
+            f"data.val_fraction=0 leaves no validation data, but train.eval_every="
+            f"{t.eval_every}; set train.eval_every=0 or a data.val_fraction > 0"
+        )
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
     if cfg.wandb.mode not in ("disabled", "offline", "online"):
@@ -166,6 +175,17 @@ def sample_text(trainer: Trainer, params, cfg: Config, max_new_tokens: int = 64)
     return SAMPLE_PROMPT + decode(tokens[0].tolist())
 
 
+def check_vocab(cfg: Config, meta: dict, prepared_dir: Path) -> None:
+    """The model must have a row for every id the tokenizer can emit."""
+    n_ids = meta.get("vocab_size")
+    if n_ids is not None and n_ids > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the {n_ids} token ids of "
+            f"the data in {prepared_dir} ({meta.get('tokenizer')}); set model.vocab_size >= "
+            f"{n_ids}"
+        )
+
+
 def unigram_baseline(prepared_dir: Path) -> float | None:
     """Val cross-entropy (nats/token) of the add-one-smoothed train unigram distribution."""
     try:
@@ -191,7 +211,12 @@ def train(
     is_main = jax.process_index() == 0
     out = prepare_out_dir(cfg)
     t = cfg.train
-    ckpt = Checkpointer(out, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    lock = lock_out_dir(out)
+    try:
+        ckpt = Checkpointer(out, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    except BaseException:
+        lock.release()
+        raise
     try:
         existing = ckpt.steps()
         if existing and not t.resume:
@@ -208,7 +233,42 @@ def train(
             ckpt = Checkpointer(out, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         return _run(cfg, out, ckpt, inject_nan_step, preempt_at_step)
     finally:
-        ckpt.close()
+        try:
+            ckpt.close()
+        finally:
+            lock.release()
+
+
+def lock_out_dir(out: Path) -> RunLock:
+    """Process 0 takes the run lock of `out`; in a cluster every process learns the outcome,
+    so a refusal stops them all instead of leaving the others waiting in a collective."""
+    lock, refusal = RunLock(out), ""
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except UserError as e:
+            refusal = str(e)
+    if jax.process_count() > 1:
+        flag = multihost_utils.broadcast_one_to_all(np.int32(bool(refusal)))
+        if flag and not refusal:
+            refusal = f"process 0 could not lock {out} (see its error); nothing was changed"
+    if refusal:
+        raise UserError(refusal)
+    return lock
+
+
+def restore_or_init(trainer: Trainer, ckpt: Checkpointer, loader, cfg: Config):
+    """(state, step): the newest good checkpoint (and the loader's position), else step 0."""
+    if ckpt.steps():
+        target = jax.eval_shape(trainer.init_state)
+        check = functools.partial(check_resume_config, cfg=cfg, notify=False)
+        if (restored := ckpt.restore_latest(target, check)) is not None:
+            state, saved_meta, start = restored
+            if (data_state := own_data_state(saved_meta)) is not None:
+                loader.load_state_dict(data_state)
+            print(f"resuming from {ckpt.directory / str(start)} (step {start})", file=sys.stderr)
+            return state, start
+    return trainer.init_state(), 0
 
 
 def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at_step) -> dict:
@@ -218,29 +278,20 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = Trainer(cfg.model, t, mesh, inject_nan_step=inject_nan_step)
 
+    # A resume is checked against the newest checkpoint's config before any data is prepared
+    # or anything written: a refused command leaves the run as it was.
+    if (newest := ckpt.newest_meta()) is not None:
+        check_resume_config(*newest, cfg)
     prepared_dir = Path(cfg.data.prepared_dir or out / "data")
     meta = prepare_source(cfg.data, prepared_dir, show_progress=is_main, seq_len=t.seq_len)
+    check_vocab(cfg, meta, prepared_dir)
     loader, val = make_loaders(cfg, prepared_dir)
-    if is_main:
-        (out / "config.yaml").write_text(dump_yaml(cfg))
-
-    start = 0
-    target = jax.eval_shape(trainer.init_state)
-
-    def check_meta(meta: dict) -> None:
-        check_same_architecture(meta["model"], cfg.model)
-
-    restored = ckpt.restore_latest(target, check_meta) if ckpt.steps() else None
-    if restored is not None:
-        state, saved_meta, start = restored
-        if saved_meta.get("data_state") is not None:
-            loader.load_state_dict(saved_meta["data_state"])
-        print(f"resuming from {ckpt.directory / str(start)} (step {start})", file=sys.stderr)
-    else:
-        state = trainer.init_state()
+    state, start = restore_or_init(trainer, ckpt, loader, cfg)
+    if is_main:  # only once the run is accepted: a refused resume leaves the run untouched
+        write_atomic(out / "config.yaml", dump_yaml(cfg))
 
     n_params = count_params(trainer.model(state.params))
-    n_flop_params = count_params(trainer.model(state.params), exclude_positions=True)
+    n_flop_params = count_params(trainer.model(state.params), matmul_only=True)
     tokens_per_step = t.batch_size * t.seq_len
     flops_per_step = flops_per_token(cfg.model, n_flop_params, t.seq_len) * tokens_per_step
     peak, peak_source = peak_flops_per_device(t.peak_flops)
@@ -258,11 +309,14 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     eval_bs = max(n_shards, (t.batch_size // t.grad_accum) // n_shards * n_shards)
 
-    def meta_for_save() -> dict:
-        return {"model": to_dict(cfg.model), "train": to_dict(t), "data_state": loader.state_dict()}
-
     def save() -> None:
-        ckpt.save(state, meta_for_save())
+        meta = {
+            "model": to_dict(cfg.model),
+            "train": to_dict(t),
+            "data": to_dict(cfg.data),
+            "data_states": gather_data_states(loader.state_dict()),
+        }
+        ckpt.save(state, meta)
 
     def stop_agreed(step: int) -> bool:
         """Stop after `step`? Alone: as soon as signalled. In a cluster every process must save
@@ -369,7 +423,7 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
                 if pending is not None:
                     check(pending)
                 save()
-                ckpt.wait()
+                ckpt.wait()  # raises unless the checkpoint committed
                 bar.close()
                 print(f"{stop.signal_name}: saved step {step} to {ckpt.directory / str(step)}; "
                       "run the same command to resume", file=sys.stderr)  # fmt: skip
@@ -419,8 +473,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    nan_step = os.environ.get("GPT2_JAX_INJECT_NAN_AT_STEP")  # test hook: poison one step
-    train(cfg, inject_nan_step=int(nan_step) if nan_step else None)
+    # Test hooks: poison one step's loss; behave as if SIGTERM arrived during a step.
+    nan_step = os.environ.get("GPT2_JAX_INJECT_NAN_AT_STEP")
+    preempt = os.environ.get("GPT2_JAX_PREEMPT_AT_STEP")
+    train(
+        cfg,
+        inject_nan_step=int(nan_step) if nan_step else None,
+        preempt_at_step=int(preempt) if preempt else None,
+    )
     return 0
 
 

@@ -149,7 +149,8 @@ class Trainer:
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": self.schedule(state.step),
+            # optax counts applied updates only: skipped steps do not advance its schedule
+            "lr": self.schedule(state.step - state.skipped),
             "finite": finite,
             "skipped": new_state.skipped,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -281,3 +282,88 @@ def test_cli_entry_point(tmp_path, hf_folder):
         f"error: --hf-dir {str(tmp_path / 'nope')!r} does not exist"
     ]
     assert proc.stdout == ""
+
+
+# ----------------------------------------------------------------------------- --out safety
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    """Relative path → sha256 of every file under `root` ("dir" for directories)."""
+
+    def digest(p: Path) -> str:
+        return "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+
+    return {str(p.relative_to(root)): digest(p) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, prepared_shakespeare) -> Path:
+    """A 2-step training run with one checkpoint, alone in its parent directory."""
+    from gpt2_jax.train import train
+    from tests.train_helpers import tiny_config
+
+    run = tmp_path_factory.mktemp("convert_run") / "run"
+    overrides = ("train.max_steps=2", "checkpoint.every=2", "train.eval_every=100")
+    train(tiny_config(run, prepared_shakespeare, *overrides))
+    assert (run / "checkpoints" / "2" / "params").is_dir()
+    return run
+
+
+def test_out_holding_the_run_is_refused_even_with_overwrite(tiny_run):
+    """The issue #17 command and its relatives, as a user types them: nothing is deleted."""
+    before = tree_hash(tiny_run.parent)
+    for out in (tiny_run, tiny_run.parent, tiny_run / "checkpoints" / "2" / "params"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "gpt2_jax.convert", "to-hf", "--checkpoint",
+             tiny_run / "checkpoints", "--out", out, "--overwrite"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 2, (out, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: --out "), proc.stderr
+        assert tree_hash(tiny_run.parent) == before, out
+
+
+def test_out_near_a_run_or_checkpoint_is_refused(tmp_path, capsys, tiny_run, hf_folder):
+    """Symlinks, other runs, checkpoint steps and from-hf: each refused with --overwrite."""
+    (tmp_path / "link").symlink_to(tiny_run)
+    other = tmp_path / "other_run"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    step = tiny_run / "checkpoints" / "2"
+    cases = [
+        (["to-hf", "--checkpoint", tiny_run / "checkpoints", "--out", tmp_path / "link"],
+         "contains --checkpoint"),
+        (["to-hf", "--checkpoint", tiny_run, "--out", step], "lies inside --checkpoint"),
+        (["to-hf", "--checkpoint", hf_folder, "--out", tiny_run], "a training run"),
+        (["to-hf", "--checkpoint", hf_folder, "--out", tiny_run / "checkpoints"],
+         "orbax checkpoints"),
+        (["to-hf", "--checkpoint", hf_folder, "--out", step], "an orbax checkpoint"),
+        (["to-hf", "--checkpoint", hf_folder, "--out", step / "params" / "d"],
+         "lies inside the checkpoint"),
+        (["to-hf", "--checkpoint", hf_folder, "--out", other], "a training run (metrics.jsonl)"),
+        (["from-hf", "--hf-dir", hf_folder, "--out", tmp_path], "contains --hf-dir"),
+        (["from-hf", "--hf-dir", hf_folder, "--out", hf_folder / "sub"], "lies inside --hf-dir"),
+        (["from-hf", "--hf-dir", hf_folder, "--out", tiny_run], "a training run"),
+    ]  # fmt: skip
+    before = {d: tree_hash(d) for d in (tiny_run.parent, tmp_path)}
+    for argv, fragment in cases:
+        assert_user_error(*run_cli([*argv, "--overwrite"], capsys), fragment)
+        assert {d: tree_hash(d) for d in before} == before, argv
+
+
+def test_overwrite_replaces_a_previous_export(tmp_path, capsys, tiny_run):
+    out = tmp_path / "export"
+    argv = ["to-hf", "--checkpoint", tiny_run, "--out", out]
+    assert run_cli(argv, capsys)[0] == 0
+    first = files_of(out)
+    assert_user_error(*run_cli(argv, capsys), "--overwrite")  # a plain re-run still asks
+    code, _, err = run_cli([*argv, "--overwrite"], capsys)
+    assert code == 0, err
+    assert files_of(out) == first
+    (tmp_path / "link").symlink_to(out)  # through a symlink: the folder it names is replaced
+    code, _, err = run_cli([*argv[:-1], tmp_path / "link", "--overwrite"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "link").is_symlink() and files_of(out) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "link"]

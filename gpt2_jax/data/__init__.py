@@ -3,6 +3,7 @@
 `python -m gpt2_jax.data prepare --source SRC --out DIR` writes train.bin / val.bin / meta.json.
 """
 
+from gpt2_jax.data.integrity import verify_prepared
 from gpt2_jax.data.loader import (
     RandomAccessLoader,
     TokenDataset,
@@ -23,4 +24,5 @@ __all__ = [
     "prepare_source",
     "read_meta",
     "resolve_source",
+    "verify_prepared",
 ]

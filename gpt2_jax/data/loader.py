@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_jax.config import DataConfig
-from gpt2_jax.data.prepare import META, TRAIN, read_meta
+from gpt2_jax.data.integrity import expected_files, verify_prepared
+from gpt2_jax.data.prepare import META, TRAIN, VAL, read_meta
 from gpt2_jax.data.tokens import TOKEN_DTYPE
 from gpt2_jax.errors import UserError
 
@@ -20,15 +21,19 @@ _MASK64 = (1 << 64) - 1
 
 
 class TokenDataset:
-    """A prepared token file (`train.bin` / `val.bin`), memory-mapped read-only."""
+    """A prepared token file (`train.bin` / `val.bin`), memory-mapped read-only. When the
+    meta.json beside it describes it, its size and fast hash are checked first (`verify`)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, verify: bool = True):
         self.path = Path(path)
         if not self.path.is_file():
             raise UserError(
                 f"token file {self.path} not found; run `python -m gpt2_jax.data prepare "
                 f"--source SRC --out {self.path.parent}` first"
             )
+        meta = read_meta(self.path.parent) if verify else None
+        if meta is not None and self.path.name in expected_files(meta):
+            verify_prepared(self.path.parent, meta, [self.path.name])
         size = self.path.stat().st_size
         if size % TOKEN_DTYPE().itemsize:
             raise UserError(f"{self.path} has an odd size ({size} bytes); re-run prepare")
@@ -136,7 +141,8 @@ def make_train_loader(
     """The training loader for `cfg`: random access over `prepared_dir/train.bin`, or (with
     `data.streaming`) a `StreamingLoader` that skips the val documents recorded in
     `prepared_dir/meta.json`. Both have `batch(step)`, `state_dict()`, `load_state_dict(d)`
-    and `last_batch_seconds`."""
+    and `last_batch_seconds`. The token files it uses (val.bin too) are checked against
+    meta.json first: a truncated or changed file is a `UserError`."""
     args = dict(
         seed=seed,
         batch_size=batch_size,
@@ -152,6 +158,7 @@ def make_train_loader(
             meta = read_meta(prepared_dir)
             if meta is not None:
                 _check_meta_matches(meta, cfg, prepared_dir)
+                verify_prepared(prepared_dir, meta, [VAL])  # train.bin, if any, goes unread
                 moved = meta["split"]["moved"]
         return StreamingLoader(cfg, moved=moved, **args)
     if prepared_dir is None:
@@ -168,7 +175,8 @@ def make_train_loader(
             f"{prepared_dir} was prepared for streaming (no {TRAIN}); prepare it again with "
             "data.streaming=false"
         )
-    return RandomAccessLoader(TokenDataset(Path(prepared_dir) / TRAIN), **args)
+    verify_prepared(prepared_dir, meta)
+    return RandomAccessLoader(TokenDataset(Path(prepared_dir) / TRAIN, verify=False), **args)
 
 
 def _check_meta_matches(meta: dict, cfg: DataConfig, prepared_dir) -> None:

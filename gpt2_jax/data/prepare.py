@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from gpt2_jax import tokenizer
 from gpt2_jax.config import DataConfig
+from gpt2_jax.data.integrity import CHECKS, expected_files, file_record, mismatch
 from gpt2_jax.data.sources import Source, resolve_source
 from gpt2_jax.data.split import RULE, doc_digest, doc_score, split_of
 from gpt2_jax.data.tokens import TOKEN_DTYPE, check_vocab_fits, encode_documents, resolve_threads
@@ -40,7 +41,9 @@ def prepare_source(
     `out_dir` and return the meta. A no-op returning the old meta when the directory already
     holds this input's tokens (same content hash). With `cfg.streaming` only `val.bin` is
     written (from the first `stream_val_max_tokens` val tokens of the stream). `seq_len`, when
-    given, makes a split shorter than one sequence an error. Nothing is written on error."""
+    given, makes a split shorter than one sequence an error. Nothing is written on error.
+    The meta records each file's size and fast hash (`integrity`); when those no longer match,
+    a notice goes to stderr and the directory is prepared again."""
     out = Path(out_dir)
     fraction = _check_fraction(cfg.val_fraction)
     threads = resolve_threads(cfg.num_threads)
@@ -72,7 +75,7 @@ def prepare_source(
         and old is not None
         and not old["streaming"]
         and old["content_hash"] == scan.content_hash
-        and _intact(out, old)
+        and _files_match(out, old)
     ):
         _check_min_tokens(old, seq_len, fraction)
         _say_up_to_date(out, show_progress)
@@ -263,7 +266,7 @@ def stream_text(example: dict, field: str, row: int, spec: str) -> str:
 
 def _reusable_for_stream(out: Path, old: dict, settings: dict, source: Source) -> bool:
     same = all(old.get(k) == v for k, v in settings.items())
-    return same and old.get("fingerprint") == source.fingerprint() and _intact(out, old)
+    return same and old.get("fingerprint") == source.fingerprint() and _files_match(out, old)
 
 
 def _meta(settings, source, content_hash, moved, counts, *, streaming) -> dict:
@@ -312,13 +315,14 @@ def _check_min_tokens(meta: dict, seq_len: int | None, fraction: float) -> None:
             )
 
 
-def _intact(out: Path, meta: dict) -> bool:
-    for split, name in ((("train", TRAIN)), ("val", VAL)):
-        n = meta["tokens"][split]
-        if n is None:
-            continue
-        path = out / name
-        if not path.is_file() or path.stat().st_size != n * TOKEN_DTYPE().itemsize:
+def _files_match(out: Path, meta: dict) -> bool:
+    """Whether the token files are what `meta` records; if not, says so on stderr, because the
+    caller then prepares them again and a damaged directory should never be repaired silently."""
+    for name, want in expected_files(meta).items():
+        why = mismatch(out / name, want)
+        if why:
+            notice = f"notice: {out / name} does not match {META} ({why}); preparing it again"
+            print(notice, file=sys.stderr)
             return False
     return True
 
@@ -374,10 +378,13 @@ class _Staging:
         self.files[split].write(memoryview(arr))
 
     def commit(self, meta: dict) -> None:
+        """Record each file's size and fast hash in `meta`, then move everything into place."""
         for f in self.files.values():
             f.flush()
             os.fsync(f.fileno())
             f.close()
+        # hashed from the finished temporaries: the meta describes exactly the bytes renamed in
+        meta[CHECKS] = {name: file_record(self._tmp(name)) for name in self.splits.values()}
         meta_tmp = self._tmp(META)
         meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
         # meta.json goes first and comes back last: token files never sit beside a stale meta
