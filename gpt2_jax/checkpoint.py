@@ -286,6 +286,17 @@ def _find_step_dir(path: Path) -> tuple[Path, list[int]]:
     )
 
 
+def newest_meta_of(path: str | Path) -> dict:
+    """The meta item (configs) of the newest readable checkpoint under `path`."""
+    directory, steps = _find_step_dir(Path(path))
+    for step in reversed(steps):
+        try:
+            return ocp.JsonCheckpointHandler().restore(directory / str(step) / "meta")
+        except Exception:  # damaged: try the previous one
+            continue
+    raise UserError(f"no readable checkpoint under {directory}")
+
+
 def load_model_weights(path: str | Path, **overrides) -> GPT:
     """Weights only (no optimizer state read) of the newest readable checkpoint under `path`."""
     directory, steps = _find_step_dir(Path(path))

@@ -137,6 +137,7 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 0  # 0 = never
     out_dir: str = "out"
+    init_from: str | None = None  # start from these weights (a run, checkpoint or HF folder)
     remat: str = "none"  # "none" | "block" | "dots"
     resume: bool = True
     overwrite: bool = False
@@ -283,6 +284,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not isinstance(sec, dict):
             raise ConfigError(f"config section {section!r} is not a mapping")
         sec[key] = value
+    train = data.get("train")
+    if isinstance(train, dict) and train.get("init_from"):
+        # The model is the one in init_from, with the keys given here as surgery on top.
+        from gpt2_jax.init_from import model_section
+
+        model = data.get("model") or {}
+        if not isinstance(model, dict):
+            raise ConfigError(f"config section 'model' must be a mapping, got {model!r}")
+        data["model"] = model_section(train["init_from"], model)
     return config_from_dict(data)
 
 

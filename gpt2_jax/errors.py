@@ -15,6 +15,11 @@ class UserError(ValueError):
     """Bad input from the user: printed as one line, no traceback, exit code 2."""
 
 
+def notice(message: str) -> None:
+    """A one-line notice on stderr: something the user should know, nothing wrong."""
+    print(f"notice: {message}", file=sys.stderr, flush=True)
+
+
 def cli_main(fn: F) -> F:
     """Wrap a CLI entry point so a `UserError` becomes `error: ...` on stderr and exit 2."""
 

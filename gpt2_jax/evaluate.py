@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from gpt2_jax.config import DTYPES, DataConfig
 from gpt2_jax.errors import ArgParser, UserError, cli_main
+from gpt2_jax.generate import check_compute_dtype
 from gpt2_jax.loading import load_model
 from gpt2_jax.model import GPT
 
@@ -56,9 +57,13 @@ class Window:
     first: int
 
 
-def check_window_args(seq_len: int, stride: int) -> None:
-    if seq_len <= 0:
-        raise UserError(f"--seq-len must be positive, got {seq_len}")
+def check_window_args(seq_len: int, stride: int, flag: str = "--seq-len") -> None:
+    """Refuse windows under 2 tokens (they score nothing) and strides outside (0, seq_len]."""
+    if seq_len < 2:
+        raise UserError(
+            f"{flag} must be at least 2, got {seq_len}: a window's first token is context only, "
+            "so a shorter window scores nothing"
+        )
     if stride <= 0 or stride > seq_len:
         raise UserError(
             f"--stride must satisfy 0 < stride <= seq_len={seq_len}, got {stride}; a larger "
@@ -351,11 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lengths = ap.add_mutually_exclusive_group()
     lengths.add_argument(
-        "--seq-len", type=int, help="window length N (default: the model's max_seq_len)"
+        "--seq-len", type=int, help="window length N >= 2 (default: the model's max_seq_len)"
     )
     lengths.add_argument(
         "--seq-lens",
-        help="comma-separated window lengths, e.g. 256,512,1024: one JSON line per length "
+        help="comma-separated window lengths >= 2, e.g. 256,512,1024: one JSON line per length "
         "and a table on stderr",
     )
     ap.add_argument("--stride", type=int, help="window step S, 0 < S <= N (default: N, no overlap)")
@@ -364,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens", type=int, help="score only the first this-many tokens of the chosen data"
     )
     ap.add_argument(
-        "--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)"
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="compute dtype (default float32); float16 needs a GPU",
     )
     return ap
 
@@ -379,15 +387,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.val_fraction is not None:
         check_val_fraction(args.val_fraction, args.split)
     lengths = _parse_lengths(args.seq_lens) if args.seq_lens else [args.seq_len]
+    flag = "--seq-lens" if args.seq_lens else "--seq-len"
     for n in lengths:
         if n is not None:
-            check_window_args(n, n if args.stride is None else args.stride)
+            check_window_args(n, n if args.stride is None else args.stride, flag)
+    check_compute_dtype(args.dtype)
 
     model = load_model(args.checkpoint, dtype=args.dtype)
     cfg = model.cfg
     lengths = [cfg.max_seq_len if n is None else n for n in lengths]
     for n in lengths:
-        check_window_args(n, n if args.stride is None else args.stride)
+        check_window_args(n, n if args.stride is None else args.stride, flag)
         check_seq_len(model, n)
     tokens, what = load_data(
         args.data, split=args.split, val_fraction=args.val_fraction, max_tokens=args.max_tokens

@@ -3,8 +3,9 @@
 Library: `generate(model, prompt_tokens, ...)` returns token ids; `decode_steps` yields them one
 step at a time. CLI: `python -m gpt2_jax.generate --checkpoint DIR --prompt TEXT` streams text.
 
-Sample i draws with key fold_in(PRNGKey(seed), i), and the token at position p with that key
-folded with p, so a sample does not depend on the batch it is generated in.
+Sample i draws with key fold_in(seed_key(seed), i), and the token at position p with that key
+folded with p, so a sample does not depend on the batch it is generated in. Seeds lie in
+[0, 2**64); below 2**32, seed_key(seed) is PRNGKey(seed).
 
 Learned-position models cannot go past `max_seq_len`: generation stops there (a warning says
 so) and a longer prompt is an error. RoPE models have no such limit; with a sliding window the
@@ -18,6 +19,7 @@ import codecs
 import collections
 import functools
 import json
+import re
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -64,9 +66,21 @@ def _decode_step(graphdef, state, cache, tok_B, pos_B, keys_B, temperature, top_
     return sample(logits_BV, keys_B, temperature, top_k=top_k, top_p=top_p), logits_BV, cache
 
 
+SEED_LIMIT = 2**64
+
+
+def seed_key(seed: int) -> jax.Array:
+    """PRNGKey of the seed's low 32 bits, with its high 32 bits folded in when nonzero."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"seed must be in [0, 2**64), got {seed}")
+    # PRNGKey keeps only 32 bits (without jax_enable_x64), so 2**32 would silently equal 0.
+    key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+    return jax.random.fold_in(key, np.uint32(seed >> 32)) if seed >> 32 else key
+
+
 def sample_keys(seed: int | jax.Array, num_samples: int, first: int = 0) -> jax.Array:
     """Keys of samples first..first+num_samples-1 for a seed (or a PRNG key)."""
-    key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+    key = seed_key(int(seed)) if isinstance(seed, int | np.integer) else seed
     return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(first, first + num_samples))
 
 
@@ -226,12 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (GPT-2 BPE)")
-    src.add_argument("--prompt-tokens", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    src.add_argument(
+        "--prompt-tokens",
+        help="prompt as token ids separated by commas and/or spaces, e.g. 1,2,3 or '1 2 3'",
+    )
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus: keep mass p")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses fold_in(seed, i)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="0 <= seed < 2**64; sample i uses fold_in(seed, i)"
+    )
     p.add_argument("--num-samples", type=int, default=1, help="samples, one after another")
     p.add_argument(
         "--json",
@@ -250,19 +269,48 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         default=None,
-        help="compute dtype (default: the checkpoint's)",
+        help="compute dtype (default: the checkpoint's); float16 needs a GPU",
     )
     return p  # fmt: skip
 
 
 def parse_token_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise UserError(f"--prompt-tokens {text!r} is not comma-separated integers") from None
-    if not ids:
-        raise UserError("--prompt-tokens is empty; give at least one token id")
-    return ids
+    """Non-negative ids separated by commas and/or whitespace: "1,2,3", "1 2 3", "1, 2, 3"."""
+    items = re.split(r"\s*,\s*|\s+", text.strip())
+    if items == [""]:
+        raise UserError("--prompt-tokens is empty; give at least one token id, e.g. 1,2,3")
+    for item in items:
+        # [0-9], not isdigit(): int() would also take "1_0", "+1" and non-ASCII digits.
+        if not re.fullmatch(r"[0-9]+", item):
+            what = "an empty item" if item == "" else f"{item!r}, not a token id"
+            raise UserError(
+                f"--prompt-tokens {text!r} has {what}; give non-negative integers separated by "
+                "commas and/or spaces, e.g. 1,2,3 or '1 2 3'"
+            )
+        if len(item) > 18:  # no vocabulary is that large, and int() refuses > 4300 digits
+            raise UserError(
+                f"--prompt-tokens has a {len(item)}-digit id, beyond any vocabulary; give ids "
+                "below the model's vocab_size"
+            )
+    return [int(t) for t in items]
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    """Refuse --prompt-tokens ids outside the model's vocabulary."""
+    if max(ids) >= vocab_size:
+        raise UserError(
+            f"--prompt-tokens has id {max(ids)}, but token ids must lie in [0, {vocab_size}) "
+            "for this model"
+        )
+
+
+def check_compute_dtype(dtype: str, source: str = "--dtype float16") -> None:
+    """Refuse float16 on CPU, where XLA has no float16 attention matmul."""
+    if dtype == "float16" and jax.default_backend() == "cpu":
+        raise UserError(
+            f"{source} is not supported by XLA:CPU matmuls (no F16 x F16 -> F32 dot_general); "
+            "use --dtype float32 or bfloat16, or run on a GPU"
+        )
 
 
 def _token_bytes(token: int) -> bytes:
@@ -296,6 +344,12 @@ def _check_args(args: argparse.Namespace) -> None:
     args.speculative_k = 4 if args.speculative_k is None else args.speculative_k
     if args.speculative_k < 1:
         raise UserError(f"--speculative-k must be >= 1, got {args.speculative_k}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise UserError(f"--seed must be in [0, 2**64), got {args.seed}")
+    if args.prompt_tokens is not None:
+        args.prompt_ids = parse_token_ids(args.prompt_tokens)
+    if args.dtype is not None:
+        check_compute_dtype(args.dtype)
 
 
 @cli_main
@@ -309,15 +363,17 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {} if args.dtype is None else {"dtype": args.dtype}
     model = load_model(args.checkpoint, **overrides)
+    check_compute_dtype(model.cfg.compute_dtype, "this checkpoint's dtype float16")
     draft = None
     if args.draft_checkpoint is not None:
         draft = load_model(args.draft_checkpoint, **overrides)
+        check_compute_dtype(draft.cfg.compute_dtype, "the draft checkpoint's dtype float16")
         check_compatible(model, draft, args.speculative_k)
-    prompt = (
-        parse_token_ids(args.prompt_tokens)
-        if args.prompt_tokens is not None
-        else tokenizer.encode(args.prompt) or [tokenizer.EOT]  # empty text: start a document
-    )
+    if args.prompt_tokens is not None:
+        prompt = args.prompt_ids
+        check_token_ids(prompt, model.cfg.vocab_size)
+    else:
+        prompt = tokenizer.encode(args.prompt) or [tokenizer.EOT]  # empty text: start a document
     check_prompt(model, np.asarray([prompt]))
     budget = new_token_budget(model, len(prompt), args.max_new_tokens)
     if budget < args.max_new_tokens:

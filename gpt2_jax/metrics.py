@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_jax.config import ModelConfig
+from gpt2_jax.errors import notice
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
 PEAK_FLOPS = {
@@ -105,9 +105,9 @@ class MetricsWriter:
         if enabled and path.exists():
             pairs, bad = read_metrics(path)
             if bad:
-                print(f"notice: {path}: dropped {len(bad)} unreadable line(s) (line "
-                      f"{', '.join(map(str, bad))}), as a crash mid-write leaves them",
-                      file=sys.stderr)  # fmt: skip
+                lines = ", ".join(map(str, bad))
+                notice(f"{path}: dropped {len(bad)} unreadable line(s) (line {lines}), as a "
+                       "crash mid-write leaves them")  # fmt: skip
             # On resume, drop records past the checkpoint so the curve is not duplicated.
             kept = [line for line, r in pairs if r.get("step", 0) <= resume_step]
             write_atomic(path, "".join(line + "\n" for line in kept))

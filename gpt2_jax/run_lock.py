@@ -15,10 +15,9 @@ import fcntl
 import json
 import os
 import socket
-import sys
 from pathlib import Path
 
-from gpt2_jax.errors import UserError
+from gpt2_jax.errors import UserError, notice
 
 LOCK_NAME = ".run.lock"
 
@@ -51,8 +50,7 @@ class RunLock:
             ) from None
         stale = self._read(fd)
         if stale:
-            print(f"notice: taking over the lock of a run that is gone ({_describe(stale)})",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            notice(f"taking over the lock of a run that is gone ({_describe(stale)})")
         me = {
             "host": socket.gethostname(),
             "pid": os.getpid(),

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from gpt2_jax import distributed, sharding
 from gpt2_jax.checkpoint import Checkpointer, warn
 from gpt2_jax.config import Config, ConfigError, dump_yaml, load_config, to_dict
-from gpt2_jax.errors import ArgParser, UserError, cli_main
+from gpt2_jax.errors import ArgParser, UserError, cli_main, notice
 from gpt2_jax.metrics import (
     MetricsWriter,
     Wandb,
@@ -80,6 +80,10 @@ def validate(cfg: Config) -> None:
         )
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+    if t.init_from:
+        from gpt2_jax.init_from import plan, source_config
+
+        plan(source_config(t.init_from), m)  # a change that cannot map fails here, not later
     if cfg.wandb.mode not in ("disabled", "offline", "online"):
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}; use disabled, offline or online")
 
@@ -267,7 +271,16 @@ def restore_or_init(trainer: Trainer, ckpt: Checkpointer, loader, cfg: Config):
             if (data_state := own_data_state(saved_meta)) is not None:
                 loader.load_state_dict(data_state)
             print(f"resuming from {ckpt.directory / str(start)} (step {start})", file=sys.stderr)
+            if cfg.train.init_from:
+                notice(f"train.init_from={cfg.train.init_from} only starts a run; its weights "
+                       "are not read on resume")  # fmt: skip
             return state, start
+    if cfg.train.init_from:
+        from gpt2_jax.init_from import initial_model
+
+        model = initial_model(cfg.model, cfg.train.init_from, cfg.train.seed)
+        print(f"starting from the weights of {cfg.train.init_from}", file=sys.stderr)
+        return trainer.state_from(model), 0
     return trainer.init_state(), 0
 
 

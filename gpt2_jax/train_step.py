@@ -73,6 +73,11 @@ class Trainer:
         self.metric_sharding = NamedSharding(mesh, scalar)
 
         self.init_state = jax.jit(self._init, out_shardings=self.state_shardings)
+        self._state_from = jax.jit(
+            self._fresh,
+            in_shardings=(self.state_shardings.params,),
+            out_shardings=self.state_shardings,
+        )
         self.step = jax.jit(
             self._train_step,
             in_shardings=(self.state_shardings, self.batch_sharding, self.batch_sharding),
@@ -89,7 +94,9 @@ class Trainer:
 
     def _init(self) -> TrainState:
         params = nnx.split(self._build(), nnx.Param, ...)[1]
-        params = jax.lax.with_sharding_constraint(params, self.state_shardings.params)
+        return self._fresh(jax.lax.with_sharding_constraint(params, self.state_shardings.params))
+
+    def _fresh(self, params) -> TrainState:
         zero = jnp.zeros((), jnp.int32)
         return TrainState(zero, params, self.tx.init(params), zero)
 
@@ -160,6 +167,11 @@ class Trainer:
         return cross_entropy(nnx.merge(self.eval_graphdef, params, self.rest)(x_BT), y_BT)
 
     # -- helpers --------------------------------------------------------------------------
+
+    def state_from(self, model: GPT) -> TrainState:
+        """Step 0 with `model`'s parameters (its config must be this trainer's) and a fresh
+        optimizer state, laid out on the mesh."""
+        return self._state_from(nnx.state(model, nnx.Param))
 
     def model(self, params, *, train: bool = False) -> GPT:
         """An nnx model viewing `params` (for sampling or export)."""

@@ -166,7 +166,7 @@ def test_text_stream_holds_back_split_characters():
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--prompt-tokens", "1,x"], "not comma-separated"),
+        (["--prompt-tokens", "1,x"], "not a token id"),
         (["--prompt-tokens", "1,50257"], "must lie in"),
         (["--prompt-tokens", "1", "--top-p", "1.5"], "top-p"),
         (["--prompt-tokens", "1", "--speculative-k", "2"], "needs --draft-checkpoint"),

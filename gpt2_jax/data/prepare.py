@@ -20,7 +20,7 @@ from gpt2_jax.data.integrity import CHECKS, expected_files, file_record, mismatc
 from gpt2_jax.data.sources import Source, resolve_source
 from gpt2_jax.data.split import RULE, doc_digest, doc_score, split_of
 from gpt2_jax.data.tokens import TOKEN_DTYPE, check_vocab_fits, encode_documents, resolve_threads
-from gpt2_jax.errors import UserError
+from gpt2_jax.errors import UserError, notice
 
 FORMAT = "gpt2_jax.data/1"
 META, TRAIN, VAL = "meta.json", "train.bin", "val.bin"
@@ -321,8 +321,7 @@ def _files_match(out: Path, meta: dict) -> bool:
     for name, want in expected_files(meta).items():
         why = mismatch(out / name, want)
         if why:
-            notice = f"notice: {out / name} does not match {META} ({why}); preparing it again"
-            print(notice, file=sys.stderr)
+            notice(f"{out / name} does not match {META} ({why}); preparing it again")
             return False
     return True
 
