@@ -11,9 +11,7 @@ import argparse
 import functools
 import math
 import os
-import shutil
 import signal
-import socket
 import statistics
 import sys
 import time
@@ -39,7 +37,7 @@ from gpt2_jax.metrics import (
 )
 from gpt2_jax.model import count_params
 from gpt2_jax.resume import check_resume_config, gather_data_states, own_data_state
-from gpt2_jax.run_lock import RunLock
+from gpt2_jax.run_dir import open_run, prepare_out_dir
 from gpt2_jax.train_step import Trainer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -86,21 +84,6 @@ def validate(cfg: Config) -> None:
         plan(source_config(t.init_from), m)  # a change that cannot map fails here, not later
     if cfg.wandb.mode not in ("disabled", "offline", "online"):
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}; use disabled, offline or online")
-
-
-def prepare_out_dir(cfg: Config) -> Path:
-    out = Path(cfg.train.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        # One probe per process: hosts sharing out_dir must not delete each other's.
-        probe = out / f".write_test.{socket.gethostname()}.{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"train.out_dir {str(out)!r} is not writable ({e.strerror}); choose another"
-        ) from None
-    return out
 
 
 class StopRequest:
@@ -212,53 +195,9 @@ def train(
     """
     validate(cfg)
     distributed.initialize(cfg.mesh)
-    is_main = jax.process_index() == 0
     out = prepare_out_dir(cfg)
-    t = cfg.train
-    lock = lock_out_dir(out)
-    try:
-        ckpt = Checkpointer(out, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    except BaseException:
-        lock.release()
-        raise
-    try:
-        existing = ckpt.steps()
-        if existing and not t.resume:
-            if not t.overwrite:
-                raise UserError(
-                    f"{out} already has checkpoints (steps {existing}); resume with "
-                    "train.resume=true, or start over with train.resume=false "
-                    "train.overwrite=true, or pick another train.out_dir"
-                )
-            ckpt.close()
-            if is_main:
-                shutil.rmtree(ckpt.directory)
-                (out / "metrics.jsonl").unlink(missing_ok=True)
-            ckpt = Checkpointer(out, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    with open_run(cfg, out) as ckpt:
         return _run(cfg, out, ckpt, inject_nan_step, preempt_at_step)
-    finally:
-        try:
-            ckpt.close()
-        finally:
-            lock.release()
-
-
-def lock_out_dir(out: Path) -> RunLock:
-    """Process 0 takes the run lock of `out`; in a cluster every process learns the outcome,
-    so a refusal stops them all instead of leaving the others waiting in a collective."""
-    lock, refusal = RunLock(out), ""
-    if jax.process_index() == 0:
-        try:
-            lock.acquire()
-        except UserError as e:
-            refusal = str(e)
-    if jax.process_count() > 1:
-        flag = multihost_utils.broadcast_one_to_all(np.int32(bool(refusal)))
-        if flag and not refusal:
-            refusal = f"process 0 could not lock {out} (see its error); nothing was changed"
-    if refusal:
-        raise UserError(refusal)
-    return lock
 
 
 def restore_or_init(trainer: Trainer, ckpt: Checkpointer, loader, cfg: Config):
