@@ -1,14 +1,22 @@
-"""Convert between Hugging Face GPT-2 folders and gpt2_jax checkpoints.
+"""Convert between Hugging Face folders and gpt2_jax checkpoints.
 
     python -m gpt2_jax.convert from-hf --hf-dir DIR --out DIR
     python -m gpt2_jax.convert to-hf --checkpoint DIR --out DIR
 
-Both write config.json + model.safetensors (fp32, HF GPT-2 weight names). That folder is the
-converted checkpoint format `evaluate`, `generate` and `train` accept, and for the standard
-variant `transformers.GPT2LMHeadModel.from_pretrained` loads it. RoPE / GQA / window / no-bias
-variants carry the extra config keys `n_kv_head`, `pos_embedding`, `rope_theta`,
-`attention_window` and `bias`, which transformers ignores; `gpt2_torch_ref.load_folder` reads
-them.
+Both write config.json + model.safetensors (fp32), in the first format that computes the model
+exactly (`gpt2_jax.hf_format`), plus GPT-2's tokenizer files when the vocabulary is GPT-2's:
+
+- standard (learned positions, MHA, no window, biases): GPT-2, for GPT2LMHeadModel;
+- every RoPE variant (any n_kv_head, any window, with or without biases): Starcoder2;
+- learned positions with MQA (no window, biases): GPTBigCode with multi_query;
+- the rest (learned positions with GQA, a window or no biases): gpt2_jax's extended GPT-2,
+  model_type `gpt2_jax`, which transformers' Auto classes refuse rather than misread.
+
+`transformers.AutoModelForCausalLM.from_pretrained(out)` loads the first three and
+`AutoTokenizer` / `pipeline("text-generation", model=out)` work offline. One stderr line says
+which format was written and why. That folder is also the converted checkpoint format
+`evaluate`, `generate` and `train.init_from` accept; from-hf reads the four formats (and older
+gpt2_jax exports), and `gpt2_torch_ref.load_folder` reads them in torch.
 
 A non-empty `--out` is replaced only with `--overwrite`, and never when it is, contains or lies
 inside the input, or holds a training run, an orbax checkpoint or prepared data.
@@ -25,8 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_jax.errors import ArgParser, UserError, cli_main
-from gpt2_jax.hf_format import is_hf_folder, is_standard_gpt2, load_hf_folder, save_hf_folder
+from gpt2_jax.errors import ArgParser, UserError, cli_main, notice
+from gpt2_jax.hf_format import (
+    FORMATS,
+    export_format,
+    is_hf_folder,
+    load_hf_folder,
+    read_hf_config,
+    save_hf_folder,
+)
+from gpt2_jax.hf_tokenizer import tokenizer_problem
 from gpt2_jax.loading import load_model
 from gpt2_jax.model import GPT, count_params
 from gpt2_jax.weights import to_hf_state_dict
@@ -123,7 +139,8 @@ def _describe_extras(model: GPT) -> str:
     if cfg.pos_embedding != "learned":
         parts.append(f"{cfg.pos_embedding} positions")
     if cfg.n_kv_head != cfg.n_head:
-        parts.append(f"{cfg.n_kv_head} kv heads for {cfg.n_head} query heads")
+        kv = "1 kv head" if cfg.n_kv_head == 1 else f"{cfg.n_kv_head} kv heads"
+        parts.append(f"{kv} for {cfg.n_head} query heads")
     if cfg.attention_window is not None:
         parts.append(f"attention window {cfg.attention_window}")
     if not cfg.bias:
@@ -131,9 +148,32 @@ def _describe_extras(model: GPT) -> str:
     return ", ".join(parts)
 
 
+def describe_format(model: GPT, out: str | Path) -> str:
+    """One line: which format `save_hf_folder` wrote for `model`, why, and who reads it."""
+    fmt = export_format(model.cfg)
+    name, out = FORMATS[fmt], str(out)
+    if fmt == "gpt2":
+        return (
+            f"format: {name}; transformers.GPT2LMHeadModel.from_pretrained({out!r}) (or "
+            "AutoModelForCausalLM) loads it"
+        )
+    why = f"this model has {_describe_extras(model)}, which transformers' GPT2LMHeadModel cannot "
+    if fmt == "gpt2_jax":
+        return (
+            f"format: {name} (model_type gpt2_jax): {why}represent and no other transformers "
+            "architecture computes exactly; transformers' Auto classes refuse it, gpt2_jax and "
+            "gpt2_torch_ref.load_folder read it"
+        )
+    cls = "Starcoder2ForCausalLM" if fmt == "starcoder2" else "GPTBigCodeForCausalLM"
+    return (
+        f"format: {name}, as {why}represent; transformers.AutoModelForCausalLM.from_pretrained("
+        f"{out!r}) loads it as {cls}"
+    )
+
+
 def from_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> GPT:
-    """Validate a transformers `save_pretrained` GPT-2 folder and write it as a checkpoint;
-    returns the model written."""
+    """Validate a transformers `save_pretrained` folder (GPT-2, Starcoder2, GPTBigCode or ours)
+    and write it as a checkpoint; returns the model written."""
     src, out = Path(hf_dir), Path(out)
     if not src.exists():
         raise UserError(f"--hf-dir {str(src)!r} does not exist")
@@ -149,8 +189,7 @@ def from_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> 
 
 
 def to_hf(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> GPT:
-    """Write any checkpoint `evaluate` accepts as config.json + model.safetensors; returns the
-    model written."""
+    """Write any checkpoint `evaluate` accepts as an HF folder; returns the model written."""
     src, out = Path(checkpoint), Path(out)
     if src.exists():
         _check_out(src, out, overwrite, "--checkpoint")
@@ -162,18 +201,23 @@ def to_hf(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgParser(
         prog="python -m gpt2_jax.convert",
-        description="Convert between Hugging Face GPT-2 folders and gpt2_jax checkpoints.",
+        description="Convert between Hugging Face folders (GPT-2, Starcoder2, GPTBigCode) and "
+        "gpt2_jax checkpoints.",
     )
     sub = ap.add_subparsers(dest="command", required=True)
     f = sub.add_parser(
-        "from-hf", help="a transformers save_pretrained GPT-2 folder → a gpt2_jax checkpoint"
+        "from-hf",
+        help="a transformers save_pretrained folder (GPT-2, Starcoder2, GPTBigCode) → a "
+        "gpt2_jax checkpoint",
     )
     f.add_argument(
         "--hf-dir",
         required=True,
         help="folder with config.json and model.safetensors or pytorch_model.bin",
     )
-    t = sub.add_parser("to-hf", help="a gpt2_jax checkpoint → config.json + model.safetensors")
+    t = sub.add_parser(
+        "to-hf", help="a gpt2_jax checkpoint → an HF folder transformers loads, where it can"
+    )
     t.add_argument(
         "--checkpoint",
         required=True,
@@ -198,24 +242,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "from-hf":
         model = from_hf(args.hf_dir, args.out, overwrite=args.overwrite)
+        source = FORMATS[read_hf_config(args.hf_dir).get("model_type", "gpt2")]
+        what = f"from the {source} folder {args.hf_dir}"
     else:
         model = to_hf(args.checkpoint, args.out, overwrite=args.overwrite)
-    out = args.out
-    print(f"wrote {out} ({count_params(model):,} parameters)", file=sys.stderr)
-    if args.command == "to-hf":
-        if is_standard_gpt2(model.cfg):
-            print(
-                f"transformers.GPT2LMHeadModel.from_pretrained({str(out)!r}) loads it",
-                file=sys.stderr,
-            )
-        else:
-            print(
-                f"note: this model has {_describe_extras(model)}, which transformers' "
-                "GPT2LMHeadModel cannot represent (it would load wrong or fail); config.json "
-                "carries n_kv_head, pos_embedding, rope_theta, attention_window and bias for "
-                "gpt2_torch_ref.load_folder and gpt2_jax",
-                file=sys.stderr,
-            )
+        what = f"from {args.checkpoint}"
+    tokenizer = (Path(args.out) / "vocab.json").is_file()
+    print(
+        f"wrote {args.out} ({count_params(model):,} parameters{', GPT-2 tokenizer' * tokenizer}) "
+        f"{what}",
+        file=sys.stderr,
+    )
+    print(describe_format(model, args.out), file=sys.stderr)
+    problem = tokenizer_problem(model.cfg.vocab_size)
+    if problem is not None:
+        notice(f"{problem}; {args.out} has no tokenizer files")
     return 0
 
 

@@ -10,8 +10,9 @@ from gpt2_jax.model import GPT
 
 
 def load_model(path: str | Path, **overrides) -> GPT:
-    """Weights only, from an HF-format folder (written by `convert`), a training run's
-    `out_dir` (its newest complete checkpoint) or one checkpoint directory.
+    """Weights only, from an HF folder (GPT-2, Starcoder2, GPTBigCode or gpt2_jax's extended
+    GPT-2: `gpt2_jax.hf_format`), a training run's `out_dir` (its newest complete checkpoint)
+    or one checkpoint directory.
 
     `overrides` set ModelConfig fields that do not change the weights (dtype, attention_impl).
     """
