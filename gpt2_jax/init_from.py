@@ -1,6 +1,7 @@
 """`train.init_from=PATH`: start a run (step 0, fresh optimizer) from the weights in PATH.
 
-PATH is a gpt2_jax run / checkpoint or a Hugging Face folder `gpt2_jax.loading` reads. The
+PATH is a gpt2_jax run / checkpoint or a Hugging Face folder `gpt2_jax.loading` reads (GPT-2,
+Starcoder2, GPTBigCode or gpt2_jax's own format). The
 run's model config is PATH's, with the `model.*` keys the config file or command line sets on
 top; where those differ from PATH's, the weights are changed by documented surgery, each with
 a one-line notice:
@@ -20,7 +21,6 @@ n_kv_head, a shorter table) cannot map and is a one-line error naming the key.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ NO_WEIGHTS = ("dtype", "attention_impl", "dropout", "attention_window")
 def source_config(path: str | Path) -> ModelConfig:
     """The model config of PATH, read without loading its weights."""
     from gpt2_jax.checkpoint import newest_meta_of
-    from gpt2_jax.hf_format import is_hf_folder, model_config_from_hf
+    from gpt2_jax.hf_format import is_hf_folder, model_config_from_hf, read_hf_config
 
     p = Path(path)
     if not p.exists():
@@ -48,9 +48,9 @@ def source_config(path: str | Path) -> ModelConfig:
         )
     try:
         if is_hf_folder(p):
-            return model_config_from_hf(json.loads((p / "config.json").read_text()))
+            return model_config_from_hf(read_hf_config(p))
         return model_config_from_dict(newest_meta_of(p.absolute())["model"])
-    except (UserError, ValueError) as e:  # bad JSON is a ValueError
+    except UserError as e:
         raise UserError(f"train.init_from={str(path)!r}: {e}") from None
 
 

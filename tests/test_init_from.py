@@ -138,6 +138,50 @@ def test_init_from_a_gpt2_jax_run_and_resume(tmp_path, hf_gpt2, prepared_shakesp
     assert sorted(train_losses(second)) == list(range(1, 7))
 
 
+@pytest.mark.parametrize("arch", ["starcoder2", "gpt_bigcode"])
+def test_init_from_reads_the_other_architectures(tmp_path, arch):
+    """A random transformers Starcoder2 (RoPE + GQA) or GPTBigCode (MQA) folder starts a run
+    with its exact weights, and takes surgery like GPT-2 does."""
+    from transformers import (
+        GPTBigCodeConfig,
+        GPTBigCodeForCausalLM,
+        Starcoder2Config,
+        Starcoder2ForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    if arch == "starcoder2":
+        hf = Starcoder2ForCausalLM(
+            Starcoder2Config(
+                vocab_size=96,
+                hidden_size=32,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=32,
+            )
+        )
+    else:
+        hf = GPTBigCodeForCausalLM(
+            GPTBigCodeConfig(
+                vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32, multi_query=True
+            )
+        )
+    hf.save_pretrained(tmp_path / arch)  # fmt: skip
+    source = source_config(tmp_path / arch)
+    assert (source.n_kv_head, source.pos_embedding) == (
+        (2, "rope") if arch == "starcoder2" else (1, "learned")
+    )
+    want = to_hf_state_dict(load_model(tmp_path / arch))
+    got = to_hf_state_dict(initial_model(source, tmp_path / arch, seed=1))
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    windowed = dataclasses.replace(source, attention_window=8)
+    assert plan(source, windowed) == ["attention_window None → 8: the same weights"]
+
+
 @pytest.mark.parametrize(
     "init, extra, message",
     [
