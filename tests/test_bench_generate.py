@@ -48,6 +48,8 @@ def test_json_records_gqa_quarter_and_flat_window_cache(capsys):
         (["--model", "2x30x4"], "HEADS dividing EMBD"),
         (["--model", "2x24x6"], "multiple of 4"),
         (["--contexts", "0"], "positive"),
+        (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+        (["--seed", str(2**32)], "--seed must be in [0, 2**32)"),
     ],
 )
 def test_bad_flags_are_one_line_errors(capsys, argv, message):

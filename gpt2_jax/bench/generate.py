@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-dir", default=None,
                    help="keep (and reuse) prepared data and trained models here "
                    "(default: a temporary directory)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="weights and token seed")
+    p.add_argument("--seed", type=int, default=0, help="weights and token seed, 0 <= seed < 2**32")
     p.add_argument("--json", action="store_true", help="print one JSON object per measurement")
     a = p.parse_args(argv)
     a.parts = name_list(a.parts, PARTS, "--parts")
@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if a.train_steps < 0:
         raise UserError("--train-steps must be >= 0")
+    if not 0 <= a.seed < 2**32:  # numpy generators and nnx.Rngs both take it
+        raise UserError(f"--seed must be in [0, 2**32), got {a.seed}")
     if a.model[2] % 4:
         raise UserError(f"--model heads must be a multiple of 4 (gqa uses n_head/4), got {a.model}")
     return a
