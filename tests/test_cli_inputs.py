@@ -16,6 +16,7 @@ from gpt2_jax import loading
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import UserError
 from gpt2_jax.hf_format import save_hf_folder
+from tests.cli_helpers import run_cli
 
 CFG = ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, max_seq_len=16)
 ON_CPU = jax.default_backend() == "cpu"
@@ -28,15 +29,6 @@ def files(tmp_path_factory):
     save_hf_folder(random_model(CFG, seed=3), path / "ck")
     np.arange(40, dtype=np.uint16).tofile(path / "val.bin")
     return path
-
-
-def _run(main, argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _assert_one_line(code, out, err, fragment):
@@ -69,7 +61,7 @@ def test_bad_input_in_a_subprocess_is_one_line_exit_2(files):
 
 def test_seq_lens_below_2_refused(files, capsys):
     argv = ["--checkpoint", files / "ck", "--data", files / "val.bin", "--seq-lens", "4,1"]
-    _assert_one_line(*_run(E.main, argv, capsys), "--seq-lens must be at least 2, got 1")
+    _assert_one_line(*run_cli(E.main, argv, capsys), "--seq-lens must be at least 2, got 1")
     with pytest.raises(UserError, match="at least 2"):
         E.windows(10, 1, 1)
 
@@ -108,12 +100,12 @@ def test_prompt_tokens_refuses_anything_else(text, fragment):
 
 def test_prompt_tokens_with_spaces_are_the_ids(files, capsys):
     base = ["--checkpoint", files / "ck", "--max-new-tokens", 4, "--json"]
-    code, out, err = _run(G.main, [*base, "--prompt-tokens", "1 2 3"], capsys)
+    code, out, err = run_cli(G.main, [*base, "--prompt-tokens", "1 2 3"], capsys)
     assert code == 0, err
     line = json.loads(out)
     assert line["prompt_tokens"] == [1, 2, 3]  # was [123]
-    assert out == _run(G.main, [*base, "--prompt-tokens", "1,2,3"], capsys)[1]
-    _assert_one_line(*_run(G.main, [*base, "--prompt-tokens", "1 64"], capsys), "[0, 64)")
+    assert out == run_cli(G.main, [*base, "--prompt-tokens", "1,2,3"], capsys)[1]
+    _assert_one_line(*run_cli(G.main, [*base, "--prompt-tokens", "1 64"], capsys), "[0, 64)")
 
 
 # ----------------------------------------------------------------------------- --seed
@@ -134,11 +126,13 @@ def test_seed_2_32_samples_differ_from_seed_0(files, capsys):
             "--json"]  # fmt: skip
     tokens = {}
     for seed in (0, 2**32, 2**64 - 1):
-        code, out, err = _run(G.main, [*base, "--seed", seed], capsys)
+        code, out, err = run_cli(G.main, [*base, "--seed", seed], capsys)
         assert code == 0, err
         tokens[seed] = json.loads(out)["tokens"]
     assert tokens[0] != tokens[2**32] and tokens[0] != tokens[2**64 - 1]
-    _assert_one_line(*_run(G.main, [*base, "--seed", -1], capsys), "--seed must be in [0, 2**64)")
+    _assert_one_line(
+        *run_cli(G.main, [*base, "--seed", -1], capsys), "--seed must be in [0, 2**64)"
+    )
 
 
 # ----------------------------------------------------------------------------- --dtype
@@ -146,14 +140,14 @@ def test_seed_2_32_samples_differ_from_seed_0(files, capsys):
 
 def test_bfloat16_runs_on_both_clis(files, capsys):
     ev = ["--checkpoint", files / "ck", "--data", files / "val.bin"]
-    code, out, err = _run(E.main, [*ev, "--dtype", "bfloat16"], capsys)
+    code, out, err = run_cli(E.main, [*ev, "--dtype", "bfloat16"], capsys)
     assert code == 0, err
     bf16 = json.loads(out)
-    fp32 = json.loads(_run(E.main, ev, capsys)[1])
+    fp32 = json.loads(run_cli(E.main, ev, capsys)[1])
     assert bf16["tokens"] == fp32["tokens"] == 37
     assert bf16["nll"] == pytest.approx(fp32["nll"], rel=0.05)
     gen = ["--checkpoint", files / "ck", "--prompt-tokens", "1,2", "--max-new-tokens", 3, "--json"]
-    code, out, err = _run(G.main, [*gen, "--dtype", "bfloat16"], capsys)
+    code, out, err = run_cli(G.main, [*gen, "--dtype", "bfloat16"], capsys)
     assert code == 0, err
     assert len(json.loads(out)["tokens"]) == 3
 
@@ -163,6 +157,6 @@ def test_float16_checkpoint_refused_on_cpu(files, capsys, monkeypatch):
     real = loading.load_model
     monkeypatch.setattr(loading, "load_model", lambda p, **kw: real(p, **{"dtype": "float16"} | kw))
     argv = ["--checkpoint", files / "ck", "--prompt-tokens", "1", "--max-new-tokens", 2]
-    _assert_one_line(*_run(G.main, argv, capsys), "this checkpoint's dtype float16")
+    _assert_one_line(*run_cli(G.main, argv, capsys), "this checkpoint's dtype float16")
     # An explicit --dtype overrides the checkpoint's.
-    assert _run(G.main, [*argv, "--dtype", "float32"], capsys)[0] == 0
+    assert run_cli(G.main, [*argv, "--dtype", "float32"], capsys)[0] == 0

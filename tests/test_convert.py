@@ -19,17 +19,13 @@ from gpt2_jax.convert import main as convert_main
 from gpt2_jax.hf_format import load_hf_folder, save_hf_folder
 from gpt2_jax.model import GPT
 from gpt2_jax.weights import load_hf_state_dict, to_hf_state_dict
+from tests import cli_helpers
 
 LOGIT_ATOL = 1e-5  # fp32 forwards of the same weights
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = convert_main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return cli_helpers.run_cli(convert_main, argv, capsys)
 
 
 def assert_user_error(code: int, out: str, err: str, fragment: str | tuple) -> None:

@@ -23,21 +23,12 @@ from gpt2_jax.model import GPT
 from gpt2_jax.tokenizer import encode
 from gpt2_jax.weights import load_hf_state_dict, to_hf_state_dict
 from gpt2_torch_ref import load_folder
+from tests.cli_helpers import run_cli
 
 REL_TOL = 1e-5  # relative, on perplexity (fp32 forwards, float64 sums)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def run_cli(main, argv, capsys) -> tuple[int, str, str]:
-    """Call a CLI main in-process; returns (exit code, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def eval_json(argv, capsys) -> dict:
