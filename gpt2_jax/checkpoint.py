@@ -256,6 +256,10 @@ COMPUTE_ONLY = ("dtype", "attention_impl", "dropout")
 
 
 def check_same_architecture(saved: dict, current: ModelConfig) -> None:
+    """Refuse a model config that differs from the checkpoint's outside COMPUTE_ONLY."""
+    # A key newer than the checkpoint (vocab_pad_multiple) held its default when it was saved.
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    saved = {**defaults, **saved}
     now = to_dict(current)
     diff = [k for k in config_diff(saved, now) if k not in COMPUTE_ONLY]
     if diff:

@@ -26,7 +26,11 @@ class ConfigError(UserError):
 class ModelConfig:
     """Architecture of one GPT-2 variant; names match HF GPT-2 where they exist."""
 
-    vocab_size: int = 50257
+    vocab_size: int = 50257  # the logical vocabulary: token ids lie in [0, vocab_size)
+    # Embedding rows and head columns are padded to a multiple of this (128: 50257 → 50304) so
+    # the vocab axis splits over `tensor` and tiles well; padded logits are -inf, exports
+    # trimmed. 1 = no padding.
+    vocab_pad_multiple: int = 1
     n_layer: int = 12
     n_head: int = 12
     n_kv_head: int | None = None  # None = n_head (MHA); 1 = MQA
@@ -49,6 +53,12 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        pad = self.vocab_pad_multiple
+        if not isinstance(pad, int) or isinstance(pad, bool) or pad <= 0:
+            raise ConfigError(
+                f"model.vocab_pad_multiple must be a positive int, got {pad!r}; use 1 for no "
+                "padding or e.g. 128 (pads 50257 to 50304)"
+            )
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
@@ -87,6 +97,12 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding (columns of the head): vocab_size rounded up to
+        vocab_pad_multiple."""
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
 
     @property
     def compute_dtype(self) -> str:

@@ -44,7 +44,7 @@ from gpt2_jax.hf_format import (
 )
 from gpt2_jax.hf_tokenizer import tokenizer_problem
 from gpt2_jax.loading import load_model
-from gpt2_jax.model import GPT, count_params
+from gpt2_jax.model import GPT
 from gpt2_jax.weights import to_hf_state_dict
 
 # What a training run, an orbax checkpoint or prepared data keeps in a directory: --overwrite
@@ -248,9 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = to_hf(args.checkpoint, args.out, overwrite=args.overwrite)
         what = f"from {args.checkpoint}"
     tokenizer = (Path(args.out) / "vocab.json").is_file()
+    n_params = sum(a.size for a in to_hf_state_dict(model).values())  # as written: pads trimmed
     print(
-        f"wrote {args.out} ({count_params(model):,} parameters{', GPT-2 tokenizer' * tokenizer}) "
-        f"{what}",
+        f"wrote {args.out} ({n_params:,} parameters{', GPT-2 tokenizer' * tokenizer}) {what}",
         file=sys.stderr,
     )
     print(describe_format(model, args.out), file=sys.stderr)

@@ -1,5 +1,10 @@
 """Text generation: prefill, then one jitted decode step reused for every token.
 
+A `Decoder` holds a model's jitted steps (built once per model structure, so a step passes
+only arrays) and its weights in the compute dtype (cast once per model). Prompts are padded
+and caches sized to multiples of `kv_cache.CACHE_BUCKET` (capped at a learned table's end), so
+every length within a bucket reuses one compiled prefill and decode step.
+
 Library: `generate(model, prompt_tokens, ...)` returns token ids; `decode_steps` yields them one
 step at a time. CLI: `python -m gpt2_jax.generate --checkpoint DIR --prompt TEXT` streams text.
 
@@ -27,43 +32,77 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import ArgParser, UserError, cli_main
-from gpt2_jax.kv_cache import cache_size, forward_cached, prefill
+from gpt2_jax.kv_cache import (
+    bucket_len,
+    cache_size,
+    decode_state,
+    decoding_model,
+    forward_cached,
+    prefill,
+)
 from gpt2_jax.model import GPT
 from gpt2_jax.sampling import Sampling, sample, step_keys
 
 TRACES: collections.Counter = collections.Counter()  # how often each jitted step was traced
 
 
-def _merge(graphdef, state) -> GPT:
-    model = nnx.merge(graphdef, state)
-    model.eval()  # no dropout while generating; the caller's model is untouched
-    return model
+@functools.lru_cache(maxsize=16)
+def _steps(graph: tuple) -> tuple:
+    """Jitted prefill and decode steps closing over one model structure, so a call hashes no
+    graph: only arrays (and the static sampling filters) cross the jit boundary."""
+
+    # Temperature is traced (greedy and sampled share one compilation); top-k / top-p static.
+    @functools.partial(jax.jit, static_argnames=("size", "top_k", "top_p"))
+    def prefill_step(leaves, prompt_BP, length, keys_B, temperature, size, top_k, top_p):
+        TRACES["prefill"] += 1
+        logits_BV, cache = prefill(decoding_model(graph, leaves), prompt_BP, size, length=length)
+        pos_B = jnp.full(keys_B.shape[:1], length, jnp.int32)
+        tok_B = sample(logits_BV, step_keys(keys_B, pos_B), temperature, top_k=top_k, top_p=top_p)
+        return tok_B, logits_BV, cache
+
+    @functools.partial(jax.jit, static_argnames=("top_k", "top_p"), donate_argnames=("cache",))
+    def decode_step(leaves, cache, tok_B, pos_B, keys_B, temperature, top_k, top_p):
+        """Feed the token at `pos_B`, draw the one at `pos_B + 1`."""
+        TRACES["decode"] += 1
+        model = decoding_model(graph, leaves)
+        logits_B1V, cache = forward_cached(model, cache, tok_B[:, None], pos_B[:, None])
+        logits_BV, pos_B = logits_B1V[:, 0], pos_B + 1
+        tok_B = sample(logits_BV, step_keys(keys_B, pos_B), temperature, top_k=top_k, top_p=top_p)
+        return tok_B, logits_BV, cache, pos_B
+
+    return prefill_step, decode_step
 
 
-# Temperature is traced (greedy and sampled share one compilation); top-k / top-p are static.
-@functools.partial(jax.jit, static_argnames=("graphdef", "size", "top_k", "top_p"))
-def _prefill_step(graphdef, state, prompt_BT, keys_B, temperature, size, top_k, top_p):
-    TRACES["prefill"] += 1
-    logits_BV, cache = prefill(_merge(graphdef, state), prompt_BT, size)
-    pos_B = jnp.full(keys_B.shape[:1], prompt_BT.shape[1], jnp.int32)
-    tok_B = sample(logits_BV, step_keys(keys_B, pos_B), temperature, top_k=top_k, top_p=top_p)
-    return tok_B, logits_BV, cache
+class Decoder:
+    """One model's jitted prefill and decode steps and its decoding weights
+    (`kv_cache.decode_state`): compiled once per model structure, cast once per model."""
+
+    def __init__(self, model: GPT) -> None:
+        self.state = decode_state(model)
+        self._prefill, self._decode = _steps(self.state.graph)
+
+    def prefill(self, prompt_BP, length: int, keys_B, temperature, size: int, sampling):
+        """(token_B drawn at position `length`, its logits_BV, cache of `size` slots) after
+        the first `length` tokens of `prompt_BP` (the rest is padding)."""
+        return self._prefill(self.state.leaves, prompt_BP, jnp.int32(length), keys_B,
+                             temperature, size, **sampling.filters)  # fmt: skip
+
+    def decode(self, cache, tok_B, pos_B, keys_B, temperature, sampling):
+        """(next token_B, its logits_BV, cache, pos_B + 1) after feeding `tok_B` at `pos_B`."""
+        return self._decode(self.state.leaves, cache, tok_B, pos_B, keys_B, temperature,
+                            **sampling.filters)  # fmt: skip
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "top_k", "top_p"), donate_argnames=("cache",)
-)
-def _decode_step(graphdef, state, cache, tok_B, pos_B, keys_B, temperature, top_k, top_p):
-    """Feed the token at `pos_B`, draw the one at `pos_B + 1`."""
-    TRACES["decode"] += 1
-    model = _merge(graphdef, state)
-    logits_B1V, cache = forward_cached(model, cache, tok_B[:, None], pos_B[:, None])
-    logits_BV = logits_B1V[:, 0]
-    keys_B = step_keys(keys_B, pos_B + 1)
-    return sample(logits_BV, keys_B, temperature, top_k=top_k, top_p=top_p), logits_BV, cache
+def padded_prompt(cfg: ModelConfig, prompt_BT) -> np.ndarray:
+    """int32 [B, bucket_len(T)]: the prompt, then zeros (a compile serves a whole bucket)."""
+    prompt_BT = np.asarray(prompt_BT)
+    B, T = prompt_BT.shape
+    out_BP = np.zeros((B, bucket_len(cfg, T)), np.int32)
+    out_BP[:, :T] = prompt_BT
+    return out_BP
 
 
 SEED_LIMIT = 2**64
@@ -108,24 +147,25 @@ def decode_steps(
     keys_B: jax.Array,
 ) -> Iterator[tuple[jax.Array, jax.Array]]:
     """Yield (tokens_B, logits_BV) for each new token, on device; the logits are the model's
-    raw output the token was drawn from. The caller enforces length limits."""
-    prompt_BT = jnp.asarray(prompt_BT, jnp.int32)
-    B, T = prompt_BT.shape
+    raw output the token was drawn from. The caller enforces length limits.
+
+    The prompt is padded and the cache sized to buckets (`kv_cache.bucket_len`), so prompts
+    and budgets within one bucket reuse the compiled steps."""
+    B, T = np.shape(prompt_BT)
     if max_new_tokens <= 0:
         return
-    graphdef, state = nnx.split(model)
-    size = cache_size(model.cfg, T + max_new_tokens)
+    dec = Decoder(model)
+    size = cache_size(model.cfg, bucket_len(model.cfg, T + max_new_tokens))
     temperature = jnp.float32(sampling.temperature)
-    tok_B, logits_BV, cache = _prefill_step(
-        graphdef, state, prompt_BT, keys_B, temperature, size, **sampling.filters
+    tok_B, logits_BV, cache = dec.prefill(
+        padded_prompt(model.cfg, prompt_BT), T, keys_B, temperature, size, sampling
     )
     pos_B = jnp.full((B,), T, jnp.int32)
     for i in range(max_new_tokens):
         if i + 1 < max_new_tokens:  # dispatch the next step before the caller reads this one
-            nxt = _decode_step(
-                graphdef, state, cache, tok_B, pos_B, keys_B, temperature, **sampling.filters
+            nxt_B, nxt_logits_BV, cache, pos_B = dec.decode(
+                cache, tok_B, pos_B, keys_B, temperature, sampling
             )
-            (nxt_B, nxt_logits_BV, cache), pos_B = nxt, pos_B + 1
         yield tok_B, logits_BV
         if i + 1 < max_new_tokens:
             tok_B, logits_BV = nxt_B, nxt_logits_BV

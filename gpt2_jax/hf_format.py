@@ -12,6 +12,10 @@ Every config.json also carries our keys `n_kv_head`, `pos_embedding`, `rope_thet
 `attention_window` and `bias` (transformers ignores them). Reading accepts the four formats
 and the older files that were model_type gpt2 with those keys, GPT-2 weights with or without
 the `transformer.` prefix, and refuses anything else in one line.
+
+Folders hold the logical vocabulary: `model.vocab_pad_multiple` padding is trimmed on export
+and config.json neither carries it nor counts it in vocab_size; reading pads (with zero rows)
+only when asked, e.g. `load_hf_folder(path, vocab_pad_multiple=128)`.
 """
 
 from __future__ import annotations

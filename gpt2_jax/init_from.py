@@ -13,7 +13,9 @@ a one-line notice:
   at init; with RoPE any length (no weights);
 - `pos_embedding` learned → rope: the position table is dropped (a warning: the model must
   relearn positions);
-- `dtype`, `attention_impl`, `dropout` change no weights.
+- `dtype`, `attention_impl`, `dropout` change no weights;
+- `vocab_pad_multiple` (either way): the same weights over the vocab_size ids; padded rows are
+  dropped, or added as zeros (never looked up, their logits -inf).
 
 Anything else (n_embd, n_layer, n_head, vocab_size, bias, tied head, rope → learned, a larger
 n_kv_head, a shorter table) cannot map and is a one-line error naming the key.
@@ -75,14 +77,20 @@ def plan(source: ModelConfig, target: ModelConfig) -> list[str]:
         elif key == "max_seq_len" and new > old and source.pos_embedding == "learned":
             notes.append(f"max_seq_len {old} → {new}: position rows {old}..{new - 1} start "
                          "from random init")  # fmt: skip
+        elif key == "vocab_pad_multiple":
+            n_pad = target.padded_vocab - target.vocab_size
+            pad = f"{n_pad} padded rows of zeros" if n_pad else "no padded rows"
+            notes.append(f"vocab_pad_multiple {old} → {new}: the same weights over the "
+                         f"{target.vocab_size} ids, {pad}")  # fmt: skip
         elif key == "pos_embedding" and (old, new) == ("learned", "rope"):
             notes.append("pos_embedding learned → rope: the position table is dropped; the "
                          "model must relearn positions")  # fmt: skip
         else:
             raise ConfigError(
                 f"train.init_from cannot map model.{key}: {old!r} → {new!r} (only n_kv_head "
-                "down, attention_window, max_seq_len up, learned → rope, dtype, attention_impl "
-                f"and dropout can change); remove model.{key} from the config and command line"
+                "down, attention_window, max_seq_len up, learned → rope, vocab_pad_multiple, "
+                f"dtype, attention_impl and dropout can change); remove model.{key} from the "
+                "config and command line"
             )
     return notes
 

@@ -1,7 +1,7 @@
 """GPT-2 in Flax NNX: learned or rotary positions, MHA / GQA / MQA, full or sliding-window.
 
 Shape suffixes: B batch, T query length, S key length, D n_embd, N query heads, K kv heads,
-H head dim, F MLP width, V vocab.
+H head dim, F MLP width, V vocab (the padded width, `ModelConfig.padded_vocab`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from flax import nnx
 from gpt2_jax.attention import dot_product_attention
 from gpt2_jax.config import ConfigError, ModelConfig
 from gpt2_jax.rope import apply_rope, rope_angles
+from gpt2_jax.sampling import mask_vocab
+from gpt2_jax.sharding import constrain, tensor_parallel
 
 REMAT_POLICIES = ("none", "block", "dots")
+RESIDUAL = ("batch", None, None)  # the residual stream's logical axes: batch-split only
 
 
 # Parameters carry logical axis names (`logical_axes` metadata); gpt2_jax.sharding maps them
@@ -74,19 +77,50 @@ class Attention(nnx.Module):
         )
         self.resid_dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
+    def _project(self, x_BTD: jax.Array) -> list[jax.Array]:
+        """The q, k and v projections [B, T, ·] of the fused c_attn.
+
+        Under tensor parallelism the kernel's columns are regrouped per K/V head (its query
+        heads, then its k and v) and split by group, so every rank computes its own heads'
+        q, k and v in one matmul; cutting the fused [q | k | v] output instead would straddle
+        ranks and move activations between them.
+        """
+        cfg = self.cfg
+        K, H, G = cfg.n_kv_head, cfg.head_dim, cfg.n_head // cfg.n_kv_head
+        nq, nk = cfg.n_head * H, K * H
+        if not tensor_parallel():
+            qkv = self.c_attn(x_BTD)
+            return [qkv[..., :nq], qkv[..., nq : nq + nk], qkv[..., nq + nk :]]
+        dtype = jnp.dtype(cfg.compute_dtype)
+
+        def grouped(a):  # [..., nq + 2 nk] → [..., K, (G + 2) H]
+            lead = a.shape[:-1]
+            q, k, v = a[..., :nq], a[..., nq : nq + nk], a[..., nq + nk :]
+            parts = (q.reshape(*lead, K, G * H), k.reshape(*lead, K, H), v.reshape(*lead, K, H))
+            return jnp.concatenate(parts, axis=-1)
+
+        w_DKX = constrain(grouped(self.c_attn.kernel[...].astype(dtype)), None, "heads", None)
+        y_BTKX = jnp.einsum("btd,dkx->btkx", x_BTD.astype(dtype), w_DKX)
+        if cfg.bias:
+            y_BTKX = y_BTKX + grouped(self.c_attn.bias[...].astype(dtype))
+        B, T = x_BTD.shape[:2]
+        q_BTX = y_BTKX[..., : G * H].reshape(B, T, nq)
+        k_BTX = y_BTKX[..., G * H : (G + 1) * H].reshape(B, T, nk)
+        return [q_BTX, k_BTX, y_BTKX[..., (G + 1) * H :].reshape(B, T, nk)]
+
     def qkv(self, x_BTD: jax.Array, rope_cs) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Project to q [B,T,N,H] and k, v [B,T,K,H], with RoPE applied when configured."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
-        qkv = self.c_attn(x_BTD)
-        nq, nk = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-        q_BTNH = qkv[..., :nq].reshape(B, T, cfg.n_head, cfg.head_dim)
-        k_BTKH = qkv[..., nq : nq + nk].reshape(B, T, cfg.n_kv_head, cfg.head_dim)
-        v_BTKH = qkv[..., nq + nk :].reshape(B, T, cfg.n_kv_head, cfg.head_dim)
+        q_BTX, k_BTX, v_BTX = self._project(x_BTD)
+        q_BTNH = q_BTX.reshape(B, T, cfg.n_head, cfg.head_dim)
+        k_BTKH = k_BTX.reshape(B, T, cfg.n_kv_head, cfg.head_dim)
+        v_BTKH = v_BTX.reshape(B, T, cfg.n_kv_head, cfg.head_dim)
         if rope_cs is not None:
             q_BTNH = apply_rope(q_BTNH, *rope_cs)
             k_BTKH = apply_rope(k_BTKH, *rope_cs)
-        return q_BTNH, k_BTKH, v_BTKH
+        heads = ("batch", None, "heads", None)
+        return constrain(q_BTNH, *heads), constrain(k_BTKH, *heads), constrain(v_BTKH, *heads)
 
     def out(self, y_BTNH: jax.Array) -> jax.Array:
         B, T = y_BTNH.shape[:2]
@@ -110,7 +144,7 @@ class MLP(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        h_BTF = jax.nn.gelu(self.c_fc(x_BTD), approximate=True)
+        h_BTF = constrain(jax.nn.gelu(self.c_fc(x_BTD), approximate=True), "batch", None, "mlp")
         return self.dropout(self.c_proj(h_BTF))
 
 
@@ -124,8 +158,8 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x_BTD: jax.Array, rope_cs) -> jax.Array:
-        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), rope_cs)
-        return x_BTD + self.mlp(self.ln_2(x_BTD))
+        x_BTD = constrain(x_BTD + self.attn(self.ln_1(x_BTD), rope_cs), *RESIDUAL)
+        return constrain(x_BTD + self.mlp(self.ln_2(x_BTD)), *RESIDUAL)
 
 
 def _remat_block(policy: str):
@@ -139,7 +173,8 @@ def _remat_block(policy: str):
 
 
 class GPT(nnx.Module):
-    """GPT-2 language model; `__call__` maps token ids [B, T] to fp32 logits [B, T, V]."""
+    """GPT-2 language model; `__call__` maps token ids [B, T] to fp32 logits [B, T, V], -inf
+    at the padded ids (vocab_size <= id < padded_vocab)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none"):
         if remat not in REMAT_POLICIES:
@@ -148,7 +183,7 @@ class GPT(nnx.Module):
         self.remat = remat
         pdtype, dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
         self.wte = nnx.Embed(
-            cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=pdtype,
+            cfg.padded_vocab, cfg.n_embd, dtype=dtype, param_dtype=pdtype,
             embedding_init=_init(0.02, ("vocab", "embed")), rngs=rngs,
         )  # fmt: skip
         if cfg.pos_embedding == "learned":
@@ -161,29 +196,44 @@ class GPT(nnx.Module):
         self.ln_f = _layer_norm(cfg, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = _dense(
-                cfg, cfg.n_embd, cfg.vocab_size, 0.02, ("embed", "vocab"), rngs=rngs, bias=False
+                cfg, cfg.n_embd, cfg.padded_vocab, 0.02, ("embed", "vocab"), rngs=rngs, bias=False
             )
+
+    def table(self) -> jax.Array:
+        """The token embedding table in the compute dtype, whole along features under a mesh.
+
+        Gathering it over fsdp once serves the lookup and the tied head: looking up a table
+        split along features would move every row of the batch between devices instead.
+        """
+        table_VD = constrain(self.wte.embedding[...], "vocab", None)
+        return table_VD.astype(jnp.dtype(self.cfg.compute_dtype))
 
     def embed(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, object]:
         """Token (+ learned position) embeddings and the RoPE (cos, sin) or None."""
-        x_BTD = self.wte(tokens_BT)
+        x_BTD = jnp.take(self.table(), tokens_BT, axis=0)
         rope_cs = None
         if self.cfg.pos_embedding == "learned":
-            x_BTD = x_BTD + self.wpe(positions_BT)
+            wpe_TD = constrain(self.wpe.embedding[...], None, None)  # gathered, as `table`
+            x_BTD = x_BTD + jnp.take(wpe_TD.astype(x_BTD.dtype), positions_BT, axis=0)
         else:
             rope_cs = rope_angles(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
         return self.drop(x_BTD), rope_cs
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
-        """Final LayerNorm and LM head; logits in fp32."""
+        """Final LayerNorm and LM head; fp32 logits over the padded vocab, with the padded
+        columns (ids >= vocab_size) at -inf."""
         x_BTD = self.ln_f(x_BTD)
         dtype = jnp.dtype(self.cfg.compute_dtype)
         if self.cfg.tie_embeddings:
-            w_VD = self.wte.embedding[...].astype(dtype)
-            return jnp.einsum(
+            w_VD = self.table()
+            logits_BTV = jnp.einsum(
                 "btd,vd->btv", x_BTD.astype(dtype), w_VD, preferred_element_type=jnp.float32
             )
-        return self.lm_head(x_BTD).astype(jnp.float32)
+        else:
+            logits_BTV = self.lm_head(x_BTD).astype(jnp.float32)
+        # The padded width stays (its vocab axis divides the mesh); -inf keeps the padded ids
+        # out of the loss, argmax and sampling. A no-op, no graph change, when unpadded.
+        return mask_vocab(logits_BTV, self.cfg.vocab_size)
 
     def hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
         """The last block's output [B, T, D] (before the final LayerNorm and the LM head)."""
@@ -192,13 +242,14 @@ class GPT(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x_BTD, rope_cs = self.embed(tokens_BT, positions_BT)
+        x_BTD = constrain(x_BTD, *RESIDUAL)
         run_block = _remat_block(self.remat)
         for block in self.h:
             x_BTD = run_block(block, x_BTD, rope_cs)
         return x_BTD
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
-        return self.logits(self.hidden(tokens_BT, positions_BT))
+        return constrain(self.logits(self.hidden(tokens_BT, positions_BT)), "batch", None, "vocab")
 
 
 def check_tokens(tokens_BT, cfg: ModelConfig) -> None:
@@ -229,8 +280,9 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 
 def count_params(model: GPT, *, matmul_only: bool = False) -> int:
-    """Parameter count; `matmul_only` leaves out the lookup tables (the MFU convention): `wpe`,
-    and `wte` when the head is untied (a tied `wte` is the head's matmul, so it counts)."""
+    """Parameter count, padded vocab rows included (they are stored and the head multiplies
+    them); `matmul_only` leaves out the lookup tables (the MFU convention): `wpe`, and `wte` when
+    the head is untied (a tied `wte` is the head's matmul, at the padded width, so it counts)."""
     n = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     if matmul_only and model.cfg.pos_embedding == "learned":
         n -= model.wpe.embedding.size

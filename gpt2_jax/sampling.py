@@ -36,6 +36,16 @@ class Sampling:
         return {"top_k": self.top_k, "top_p": self.top_p}
 
 
+def mask_vocab(logits_BV: jax.Array, n_valid: int) -> jax.Array:
+    """`logits_BV` (any [..., V]) with the columns >= n_valid at -inf; unchanged when
+    n_valid >= V. Masked ids get probability 0, so no sampler or argmax picks them."""
+    V = logits_BV.shape[-1]
+    if n_valid >= V:
+        return logits_BV
+    valid_V = jnp.arange(V) < n_valid  # static: folds to a constant under jit
+    return jnp.where(valid_V, logits_BV, -jnp.inf)
+
+
 def keep_top_k(logits_BV: jax.Array, k: int) -> jax.Array:
     """Boolean mask of the k largest logits per row (exactly k; ties to the lower id)."""
     if k >= logits_BV.shape[-1]:
@@ -87,6 +97,7 @@ def categorical(keys_B: jax.Array, probs_BV: jax.Array) -> jax.Array:
     u_B = jax.vmap(jax.random.uniform)(keys_B) * cdf_BV[:, -1]
     drawn_B = jnp.sum(cdf_BV <= u_B[:, None], axis=-1)  # first index whose CDF exceeds u
     # Rounding can put u at the total: fall back to the last token with non-zero probability.
+    # Zero-probability columns (masked, -inf logits) are thus never drawn, even at the tail.
     last_B = probs_BV.shape[-1] - 1 - jnp.argmax(probs_BV[:, ::-1] > 0, axis=-1)
     return jnp.minimum(drawn_B, last_B).astype(jnp.int32)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -26,6 +29,43 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "norm": None,
 }
+
+
+# The mesh and rules activations are pinned to while a step is traced; None outside a step
+# (single-device use, generation), where `constrain` does nothing.
+_ACTIVATIONS: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar(
+    "activation_sharding", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: dict | None = None):
+    """Within this block, `constrain` pins activations to `mesh` by `rules`."""
+    token = _ACTIVATIONS.set((mesh, RULES if rules is None else rules))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
+    """Pin an activation's sharding by logical axis names (one per dimension).
+
+    Without it XLA may resolve FSDP's clash (batch and the weights' embed axis both on `fsdp`)
+    by splitting activations along features and all-reducing whole micro-batches.
+    """
+    active = _ACTIVATIONS.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_spec(logical_axes, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def tensor_parallel() -> bool:
+    """Whether activations are being pinned to a mesh with a `tensor` axis over 1."""
+    active = _ACTIVATIONS.get()
+    return active is not None and active[0].shape["tensor"] > 1
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
@@ -114,16 +154,67 @@ def opt_state_specs(tx: optax.GradientTransformation, opt_state, specs):
     )
 
 
+def _batch_free(spec: PartitionSpec) -> tuple:
+    """`spec` with the batch axes (data, fsdp) dropped: what a per-replica copy keeps."""
+    batch = set(RULES["batch"])
+    return tuple(None if a in batch else a for a in spec)
+
+
+def replica_zeros(params, specs, replicas: int, mesh: Mesh):
+    """Zero gradients [replicas, ...] per parameter, one row per batch shard, each row laid
+    out like its parameter minus the batch axes (those now index the rows)."""
+
+    def one(p, spec):
+        sharded = NamedSharding(mesh, PartitionSpec(RULES["batch"], *_batch_free(spec)))
+        return jax.lax.with_sharding_constraint(jnp.zeros((replicas, *p.shape), p.dtype), sharded)
+
+    return jax.tree.map(one, params, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def sum_replicas(grads_R, specs, mesh: Mesh):
+    """Sum per-replica gradients [R, ...] into each parameter's layout: a reduce-scatter over
+    the batch axis that splits the parameter (fsdp), an all-reduce over the others."""
+    batch = RULES["batch"]
+
+    def one(g_R, spec):
+        entries = tuple(spec) + (None,) * (g_R.ndim - 1 - len(spec))
+
+        def local(g_1):
+            g = g_1[0]
+            for axis in batch:  # scatter first, so the all-reduce moves a shard
+                if axis in entries and mesh.shape[axis] > 1:
+                    dim = entries.index(axis)
+                    g = jax.lax.psum_scatter(g, axis, scatter_dimension=dim, tiled=True)
+            rest = tuple(a for a in batch if a not in entries and mesh.shape[a] > 1)
+            return jax.lax.psum(g, rest) if rest else g
+
+        return jax.shard_map(
+            local, mesh=mesh, in_specs=PartitionSpec(batch, *_batch_free(spec)),
+            out_specs=spec, check_vma=False,
+        )(g_R)  # fmt: skip
+
+    return jax.tree.map(one, grads_R, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
 def batch_spec() -> PartitionSpec:
     return PartitionSpec(RULES["batch"], None)
 
 
-def check_batch(batch_size: int, mesh: Mesh) -> None:
+def check_batch(batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
+    """Refuse a micro-batch (batch_size / grad_accum) that data × fsdp does not divide: XLA
+    would silently replicate it, every device computing every row."""
     n = _axis_size(mesh, RULES["batch"])
     if batch_size % n:
         raise UserError(
             f"train.batch_size={batch_size} is not divisible by mesh data×fsdp={n}; "
             f"use a multiple of {n}"
+        )
+    micro = batch_size // grad_accum
+    if batch_size % grad_accum == 0 and micro % n:
+        raise UserError(
+            f"the micro-batch train.batch_size/train.grad_accum = {batch_size}/{grad_accum} = "
+            f"{micro} is not divisible by mesh data×fsdp={n}; make batch_size a multiple of "
+            f"{n * grad_accum} or lower grad_accum"
         )
 
 

@@ -19,10 +19,17 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from gpt2_jax.errors import UserError
-from gpt2_jax.kv_cache import cache_size, forward_cached, prefill
+from gpt2_jax.generate import padded_prompt
+from gpt2_jax.kv_cache import (
+    bucket_len,
+    cache_size,
+    decode_state,
+    decoding_model,
+    forward_cached,
+    prefill,
+)
 from gpt2_jax.model import GPT
 from gpt2_jax.sampling import Sampling, categorical, probs, sample, step_keys
 
@@ -40,37 +47,40 @@ def check_compatible(target: GPT, draft: GPT, k: int) -> None:
         raise UserError(f"speculative k must be >= 1, got {k}")
 
 
-def _merge(graphdef, state) -> GPT:
-    model = nnx.merge(graphdef, state)
-    model.eval()  # no dropout while generating; the caller's model is untouched
-    return model
+@functools.lru_cache(maxsize=16)
+def _steps(tgraph: tuple, dgraph: tuple) -> tuple:
+    """Jitted start and round of one target / draft structure pair; calls pass only arrays."""
+    start = jax.jit(functools.partial(_start, tgraph, dgraph),
+                    static_argnames=("t_size", "d_size", "top_k", "top_p"))  # fmt: skip
+    round_ = jax.jit(functools.partial(_round, tgraph, dgraph),
+                     static_argnames=("k", "top_k", "top_p"), donate_argnums=(2, 3))  # fmt: skip
+    return start, round_
 
 
-@functools.partial(
-    jax.jit, static_argnames=("tgraph", "dgraph", "t_size", "d_size", "top_k", "top_p")
-)
-def _start(tgraph, tstate, dgraph, dstate, prompt_BT, keys_B, temperature, t_size, d_size,
-           top_k, top_p):  # fmt: skip
-    """Prefill both models on the prompt and draw the first token from the target."""
+def _start(tgraph, dgraph, tleaves, dleaves, prompt_BP, length, keys_B, temperature, t_size,
+           d_size, top_k, top_p):  # fmt: skip
+    """Prefill both models on the prompt (its first `length` tokens) and draw the first token
+    from the target."""
     TRACES["start"] += 1
-    T = prompt_BT.shape[1]
-    t_logits_BV, t_cache = prefill(_merge(tgraph, tstate), prompt_BT, t_size)
-    _, d_cache = prefill(_merge(dgraph, dstate), prompt_BT, d_size)
-    keys_B = step_keys(keys_B, jnp.full(keys_B.shape[:1], T))
+    target, draft = decoding_model(tgraph, tleaves), decoding_model(dgraph, dleaves)
+    t_logits_BV, t_cache = prefill(target, prompt_BP, t_size, length=length)
+    _, d_cache = prefill(draft, prompt_BP, d_size, length=length)
+    keys_B = step_keys(keys_B, jnp.full(keys_B.shape[:1], length))
     first_B = sample(t_logits_BV, keys_B, temperature, top_k=top_k, top_p=top_p)
     return first_B, t_cache, d_cache
 
 
-@functools.partial(
-    jax.jit, static_argnames=("tgraph", "dgraph", "k", "top_k", "top_p"), donate_argnums=(4, 5)
-)
-def _round(tgraph, tstate, dgraph, dstate, t_cache, d_cache, last2_B2, n_B, limit_B, keys_B,
+def _round(tgraph, dgraph, tleaves, dleaves, t_cache, d_cache, last2_B2, n_B, limit_B, keys_B,
            temperature, k, top_k, top_p):  # fmt: skip
     """One draft-then-verify round. Returns new tokens [B, k+1] (the first `count_B` valid),
     count_B, accepted_B (draft tokens kept), updated caches, last two tokens and n."""
     TRACES["round"] += 1
-    dist = functools.partial(probs, temperature=temperature, top_k=top_k, top_p=top_p)
-    target, draft = _merge(tgraph, tstate), _merge(dgraph, dstate)
+    target, draft = decoding_model(tgraph, tleaves), decoding_model(dgraph, dleaves)
+    V = target.cfg.vocab_size  # p and q over the shared logical vocab: the pads may differ
+
+    def dist(logits_BV):
+        return probs(logits_BV[..., :V], temperature, top_k=top_k, top_p=top_p)
+
     B = n_B.shape[0]
     active_B = n_B < limit_B
     round_keys_B = step_keys(keys_B, n_B)  # rows at different n draw independent numbers
@@ -152,32 +162,31 @@ def speculative_steps(
     """Yield, after the first token and then after each round, the new tokens of each row
     (a list of B int arrays, possibly empty); rows stop at exactly `max_new_tokens`."""
     check_compatible(target, draft, k)
-    prompt_BT = jnp.asarray(prompt_BT, jnp.int32)
-    B, T = prompt_BT.shape
+    B, T = np.shape(prompt_BT)
     if max_new_tokens <= 0:
         return
     # A row may commit k tokens past its limit and then (finished) keep re-running its last
     # round, writing k more; writes run at most k ahead of the earliest query still to come.
     total = T + max_new_tokens + 2 * k + 1
-    tgraph, tstate = nnx.split(target)
-    dgraph, dstate = nnx.split(draft)
-    t_size = cache_size(target.cfg, total, ahead=k)
-    d_size = cache_size(draft.cfg, total, ahead=k)
+    tstate, dstate = decode_state(target), decode_state(draft)
+    start, round_ = _steps(tstate.graph, dstate.graph)
+    t_size = cache_size(target.cfg, bucket_len(target.cfg, total), ahead=k)
+    d_size = cache_size(draft.cfg, bucket_len(draft.cfg, total), ahead=k)
     temperature = jnp.float32(sampling.temperature)
-    first_B, t_cache, d_cache = _start(
-        tgraph, tstate, dgraph, dstate, prompt_BT, keys_B, temperature, t_size, d_size,
-        **sampling.filters,
+    first_B, t_cache, d_cache = start(
+        tstate.leaves, dstate.leaves, padded_prompt(target.cfg, prompt_BT), jnp.int32(T), keys_B,
+        temperature, t_size=t_size, d_size=d_size, **sampling.filters,
     )  # fmt: skip
     first = np.asarray(first_B)
     yield [first[b : b + 1] for b in range(B)]
     done_B = np.ones(B, np.int64)
-    last2_B2 = jnp.stack([prompt_BT[:, -1], first_B], axis=1)
+    last2_B2 = jnp.stack([jnp.asarray(np.asarray(prompt_BT)[:, -1], jnp.int32), first_B], 1)
     n_B = jnp.full((B,), T + 1, jnp.int32)
     limit_B = jnp.full((B,), T + max_new_tokens, jnp.int32)
     while done_B.min() < max_new_tokens:
-        new_BK1, count_B, acc_B, t_cache, d_cache, last2_B2, n_B = _round(
-            tgraph, tstate, dgraph, dstate, t_cache, d_cache, last2_B2, n_B, limit_B, keys_B,
-            temperature, k, **sampling.filters,
+        new_BK1, count_B, acc_B, t_cache, d_cache, last2_B2, n_B = round_(
+            tstate.leaves, dstate.leaves, t_cache, d_cache, last2_B2, n_B, limit_B, keys_B,
+            temperature, k=k, **sampling.filters,
         )  # fmt: skip
         new, count, acc = np.asarray(new_BK1), np.asarray(count_B), np.asarray(acc_B)
         take = np.minimum(count, max_new_tokens - done_B)

@@ -30,4 +30,14 @@ def encode(text: str) -> list[int]:
 
 
 def decode(tokens) -> str:
-    return encoding().decode(list(tokens))
+    """Text of token ids; an id outside GPT-2's vocabulary is a one-line UserError (tiktoken
+    raises KeyError or OverflowError)."""
+    ids = [int(t) for t in tokens]
+    bad = next((t for t in ids if not 0 <= t < VOCAB_SIZE), None)
+    if bad is not None:
+        raise UserError(
+            f"token id {bad} is outside the GPT-2 vocabulary [0, {VOCAB_SIZE}); a model whose "
+            "vocab_size exceeds it (padding) must not emit such ids: mask them in sampling "
+            "(gpt2_jax.sampling.mask_vocab)"
+        )
+    return encoding().decode(ids)

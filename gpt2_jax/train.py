@@ -8,6 +8,7 @@ the current step, save and exit 0; a second SIGINT aborts at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import os
@@ -148,10 +149,17 @@ def evaluate(trainer: Trainer, params, val, cfg: Config, batch_size: int) -> flo
 
 
 def sample_text(trainer: Trainer, params, cfg: Config, max_new_tokens: int = 64) -> str:
+    """A sample from `params`: device arrays are decoded in place, host arrays uploaded once."""
     from gpt2_jax.generate import generate
-    from gpt2_jax.tokenizer import decode, encode
+    from gpt2_jax.tokenizer import VOCAB_SIZE, decode, encode
 
-    model = trainer.model(jax.device_get(params))
+    model = trainer.model(params)
+    if cfg.model.vocab_size > VOCAB_SIZE:
+        # A vocabulary padded by hand (model.vocab_size=50304): the ids past the tokenizer's
+        # are padding for sampling, so GPT.logits masks them and decode never sees one.
+        model.cfg = dataclasses.replace(
+            model.cfg, vocab_size=VOCAB_SIZE, vocab_pad_multiple=model.cfg.padded_vocab
+        )
     prompt = encode(SAMPLE_PROMPT)
     if cfg.model.pos_embedding == "learned":
         max_new_tokens = min(max_new_tokens, cfg.model.max_seq_len - len(prompt))
@@ -358,10 +366,12 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
                     file=sys.stderr,
                 )
             if t.sample_every and step % t.sample_every == 0:
-                # FSDP params may span hosts: every process joins the gather, process 0 samples.
-                host_params = multihost_utils.process_allgather(state.params, tiled=True)
+                params = state.params
+                if not all(a.is_fully_addressable for a in jax.tree.leaves(params)):
+                    # FSDP params span hosts: every process joins the gather, process 0 samples.
+                    params = multihost_utils.process_allgather(params, tiled=True)
                 if is_main:
-                    text = sample_text(trainer, host_params, cfg)
+                    text = sample_text(trainer, params, cfg)
                     bar.write(f"--- sample at step {step} ---\n{text}", file=sys.stderr)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 if pending is not None:

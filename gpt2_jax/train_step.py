@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -39,7 +41,7 @@ class Trainer:
         inject_nan_step: int | None = None,
     ):
         sharding.check_heads(model_cfg.n_head, mesh)
-        sharding.check_batch(train_cfg.batch_size, mesh)
+        sharding.check_batch(train_cfg.batch_size, mesh, train_cfg.grad_accum)
         sharding.check_process_batch(mesh)
         self.model_cfg, self.cfg, self.mesh = model_cfg, train_cfg, mesh
         self.tx = make_optimizer(train_cfg)
@@ -62,8 +64,8 @@ class Trainer:
             out_shardings=NamedSharding(mesh, PartitionSpec()),
         )()
 
-        rules = sharding.rules_for(model_cfg.n_kv_head, mesh)
-        self.param_specs = sharding.param_specs(abstract_params, mesh, rules)
+        self.rules = sharding.rules_for(model_cfg.n_kv_head, mesh)
+        self.param_specs = sharding.param_specs(abstract_params, mesh, self.rules)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         opt_specs = sharding.opt_state_specs(self.tx, abstract_opt, self.param_specs)
         scalar = PartitionSpec()
@@ -71,6 +73,9 @@ class Trainer:
         self.state_shardings = sharding.named(mesh, self.state_specs)
         self.batch_sharding = NamedSharding(mesh, sharding.batch_spec())
         self.metric_sharding = NamedSharding(mesh, scalar)
+        # Batch shards that accumulate their own gradients (see `accumulate`).
+        n_batch = math.prod(mesh.shape[a] for a in sharding.RULES["batch"])
+        self.replicas = n_batch if model_cfg.dropout == 0 else 1
 
         self.init_state = jax.jit(self._init, out_shardings=self.state_shardings)
         self._state_from = jax.jit(
@@ -100,42 +105,65 @@ class Trainer:
         zero = jnp.zeros((), jnp.int32)
         return TrainState(zero, params, self.tx.init(params), zero)
 
-    def _loss(self, params, key, x_BT, y_BT):
+    def _loss(self, params, key, x_BT, y_BT, rules=None):
         # A fresh copy of the RNG state, so reseeding mutates Variables of this trace.
         model = nnx.merge(self.graphdef, params, jax.tree.map(lambda a: a, self.rest))
         if self.model_cfg.dropout > 0:
             nnx.reseed(model, default=key)
-        return cross_entropy(model(x_BT), y_BT)
+        with sharding.activation_sharding(self.mesh, self.rules if rules is None else rules):
+            return cross_entropy(model(x_BT), y_BT)
 
     def accumulate(self, params, step, x_BT, y_BT):
-        """Mean loss and gradients over the grad_accum micro-batches of one global batch."""
-        A = self.cfg.grad_accum
+        """Mean loss and gradients over the grad_accum micro-batches of one global batch.
+
+        Without dropout each batch shard (one data × fsdp position) sums the gradients of its
+        own rows over all micro-batches, and the shards are reduced once per step, straight
+        onto the parameters' layout. With dropout the masks are drawn over the whole
+        micro-batch, so a run's random state stays (seed, step) on every mesh; there the
+        gradients are reduced every micro-batch.
+        """
+        A, R = self.cfg.grad_accum, self.replicas
         B, T = x_BT.shape
-        # Micro-batch a takes rows a, a+A, a+2A, …: each device keeps its own rows, no shuffle.
-        micro_sharding = NamedSharding(self.mesh, PartitionSpec(None, *sharding.batch_spec()))
-
-        def split(a_BT):
-            a_ABT = a_BT.reshape(B // A, A, T).swapaxes(0, 1)
-            return jax.lax.with_sharding_constraint(a_ABT, micro_sharding)
-
+        batch_axes = sharding.RULES["batch"]
+        # Micro-batch a takes rows a, a+A, a+2A, …, replica r the r-th block of those: every
+        # device keeps its own rows, nothing is shuffled.
+        spec = (
+            PartitionSpec(None, batch_axes, None, None)
+            if R > 1
+            else PartitionSpec(None, None, batch_axes, None)
+        )
+        split = lambda a_BT: jax.lax.with_sharding_constraint(  # noqa: E731
+            a_BT.reshape(R, B // (A * R), A, T).transpose(2, 0, 1, 3),
+            NamedSharding(self.mesh, spec),
+        )
         step_key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
-        grad_fn = jax.value_and_grad(self._loss)
+        if R > 1:
+            rules = dict(self.rules, batch=None)  # inside the vmap, the batch is one replica's
+            loss_fn = functools.partial(self._loss, rules=rules)
+            grad_fn = jax.vmap(
+                jax.value_and_grad(loss_fn), in_axes=(None, None, 0, 0), spmd_axis_name=batch_axes
+            )
+            zeros = sharding.replica_zeros(params, self.param_specs, R, self.mesh)
+        else:
+            grad_fn = lambda p, k, x, y: jax.value_and_grad(self._loss)(p, k, x[0], y[0])  # noqa: E731
+            zeros = jax.tree.map(jnp.zeros_like, params)
 
         def micro(carry, inputs):
             loss_sum, grad_sum = carry
             m, x, y = inputs
             loss, grads = grad_fn(params, jax.random.fold_in(step_key, m), x, y)
-            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+            return (loss_sum + jnp.sum(loss), jax.tree.map(jnp.add, grad_sum, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
         (loss_sum, grad_sum), _ = jax.lax.scan(
             micro, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(A), split(x_BT), split(y_BT))
         )
-        loss = loss_sum / A
+        if R > 1:
+            grad_sum = sharding.sum_replicas(grad_sum, self.param_specs, self.mesh)
+        loss, grads = loss_sum / (A * R), jax.tree.map(lambda g: g / (A * R), grad_sum)
         if self.inject_nan_step is not None:
             poison = jnp.where(step == self.inject_nan_step, jnp.nan, 0.0)
-            loss, grad_sum = loss + poison, jax.tree.map(lambda g: g + poison, grad_sum)
-        return loss, jax.tree.map(lambda g: g / A, grad_sum)
+            loss, grads = loss + poison, jax.tree.map(lambda g: g + poison, grads)
+        return loss, grads
 
     def _train_step(self, state: TrainState, x_BT, y_BT):
         self.trace_count += 1
@@ -164,7 +192,8 @@ class Trainer:
         return new_state, metrics
 
     def _eval_loss(self, params, x_BT, y_BT):
-        return cross_entropy(nnx.merge(self.eval_graphdef, params, self.rest)(x_BT), y_BT)
+        with sharding.activation_sharding(self.mesh, self.rules):
+            return cross_entropy(nnx.merge(self.eval_graphdef, params, self.rest)(x_BT), y_BT)
 
     # -- helpers --------------------------------------------------------------------------
 

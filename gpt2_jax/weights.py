@@ -2,7 +2,10 @@
 
 The flat layout uses HF GPT-2 names and Conv1D orientation ([in, out]); `c_attn` columns are
 q (n_head·hd) | k (n_kv_head·hd) | v (n_kv_head·hd). `lm_head.weight` ([V, D]) appears only
-when embeddings are untied.
+when embeddings are untied. The flat dict holds the logical vocabulary (V = vocab_size rows):
+a padded model's extra rows (`model.vocab_pad_multiple`) are trimmed on the way out and
+filled with zeros on the way in; they are never looked up and their logits are -inf, so their
+values never matter.
 """
 
 from __future__ import annotations
@@ -18,6 +21,16 @@ from gpt2_jax.model import GPT
 
 # Buffers some transformers versions keep in GPT-2 state dicts; they are not weights.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# The vocab axis of the parameters padded to ModelConfig.padded_vocab, in our orientation.
+_VOCAB_AXIS = {"transformer.wte.weight": 0, "lm_head.weight": 1}
+
+
+def _vocab_shape(model: GPT, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """`shape` of our parameter `name` with its vocab axis (if any) cut to vocab_size."""
+    if name not in _VOCAB_AXIS:
+        return tuple(shape)
+    axis = _VOCAB_AXIS[name]
+    return tuple(model.cfg.vocab_size if a == axis else n for a, n in enumerate(shape))
 
 
 def _param_table(model: GPT) -> dict[str, tuple[nnx.Param, bool]]:
@@ -53,10 +66,12 @@ def _param_table(model: GPT) -> dict[str, tuple[nnx.Param, bool]]:
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
-    """The model's parameters as a flat HF-named dict of fp32-or-param-dtype numpy arrays."""
+    """The model's parameters as a flat HF-named dict of fp32-or-param-dtype numpy arrays,
+    vocab padding trimmed."""
     out = {}
     for name, (param, transpose) in _param_table(model).items():
         arr = np.asarray(param[...])
+        arr = arr[tuple(slice(n) for n in _vocab_shape(model, name, arr.shape))]
         out[name] = np.ascontiguousarray(arr.T if transpose else arr)
     return out
 
@@ -66,6 +81,7 @@ def load_hf_state_dict(model: GPT, state: Mapping[str, object], *, strict: bool 
 
     Refuses missing keys, unexpected keys (when `strict`) and shape mismatches with one line.
     A tied `lm_head.weight` equal to the embedding (as HF stores it) is accepted and ignored.
+    Vocab tensors have vocab_size rows; a padded model's extra rows are set to zeros.
     """
     table = _param_table(model)
     state = {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES)}
@@ -87,12 +103,16 @@ def load_hf_state_dict(model: GPT, state: Mapping[str, object], *, strict: bool 
         arr = _to_numpy(state[name])
         if transpose:
             arr = arr.T
-        if arr.shape != param.shape:
+        want = _vocab_shape(model, name, param.shape)
+        if arr.shape != want:
             raise UserError(
                 f"shape mismatch for {name}: checkpoint {tuple(arr.shape)} vs model "
-                f"{tuple(param.shape)}; check the config matches the checkpoint"
+                f"{want}; check the config matches the checkpoint"
             )
-        param.set_value(jnp.asarray(arr, dtype=param.dtype))
+        value = jnp.asarray(arr, dtype=param.dtype)
+        if want != tuple(param.shape):  # padded vocab rows: zeros
+            value = jnp.pad(value, [(0, p - w) for p, w in zip(param.shape, want, strict=True)])
+        param.set_value(value)
 
 
 def _to_numpy(x: object) -> np.ndarray:

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from gpt2_jax.bench import generate as bench
+from gpt2_jax.bench._generate_host import HOST_FIELDS
 
 TINY = ["--contexts", "12", "--new-tokens", "3", "--repeats", "1", "--model", "1x32x4",
         "--window", "8", "--vocab-size", "64", "--lengths", "4,20"]  # fmt: skip
@@ -41,6 +42,17 @@ def test_json_records_gqa_quarter_and_flat_window_cache(capsys):
     assert "swa decode memory flat" in captured.err and "(met)" in captured.err
 
 
+def test_host_part_reports_dispatch_cost_per_token(capsys):
+    code = bench.main(["--parts", "host", "--host-model", "2x32x4", "--host-tokens", "4",
+                       "--repeats", "1", "--json"])  # fmt: skip
+    captured = capsys.readouterr()
+    (record,) = [json.loads(line) for line in captured.out.splitlines()]
+    assert code == 0 and set(HOST_FIELDS) <= set(record)
+    assert record["model"] == "2x32x4" and record["tokens"] == 4
+    assert 0 < record["host_ms_per_token"] and 0 < record["wall_ms_per_token"]
+    assert "decode host overhead <= 1 ms/token at 2 layers" in captured.err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -48,6 +60,7 @@ def test_json_records_gqa_quarter_and_flat_window_cache(capsys):
         (["--model", "2x30x4"], "HEADS dividing EMBD"),
         (["--model", "2x24x6"], "multiple of 4"),
         (["--contexts", "0"], "positive"),
+        (["--host-tokens", "0"], "--host-tokens must be positive"),
         (["--seed", "-1"], "--seed must be in [0, 2**32)"),
         (["--seed", str(2**32)], "--seed must be in [0, 2**32)"),
     ],

@@ -54,6 +54,9 @@ MESH_ERRORS = {
     "batch_divisibility": (["train.batch_size=4", "mesh.data=-1", "mesh.fsdp=2"],
                            "train.batch_size=4 is not divisible by mesh data×fsdp=8"),
     "heads_divisibility": (["mesh.tensor=4"], "model.n_head=2 is not divisible by mesh.tensor=4"),
+    "micro_batch_divisibility": (["train.batch_size=16", "train.grad_accum=4", "mesh.data=-1"],
+                                 "the micro-batch train.batch_size/train.grad_accum = 16/4 = 4 "
+                                 "is not divisible by mesh data×fsdp=8"),
 }  # fmt: skip
 
 

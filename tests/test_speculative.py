@@ -52,6 +52,17 @@ def test_draft_must_share_the_vocabulary():
         G.generate(target, [1, 2], max_new_tokens=3, draft=draft)
 
 
+def test_target_and_draft_may_pad_the_vocabulary_differently():
+    # 64 ids padded to 96 in the target only: p and q are compared over the 64 real ids.
+    target = random_model(ModelConfig(**TINY, n_layer=1, vocab_pad_multiple=48), seed=5)
+    draft = random_model(ModelConfig(**TINY, n_layer=1), seed=6)
+    want = G.generate(target, PROMPTS, max_new_tokens=10, temperature=0.0)
+    got = G.generate(target, PROMPTS, max_new_tokens=10, temperature=0.0, draft=draft)
+    np.testing.assert_array_equal(got, want)
+    sampled = G.generate(target, PROMPTS, max_new_tokens=10, temperature=1.0, draft=draft)
+    assert sampled.max() < 64
+
+
 def _chi2_pvalue(counts: np.ndarray, expected_p: np.ndarray) -> tuple[float, int]:
     """Pearson chi-square p-value; cells with expected count < 5 are pooled into one."""
     n = counts.sum()

@@ -4,15 +4,17 @@
         [--contexts 128,256,512,1024] [--new-tokens 24] [--repeats 3] [--model 12x768x12]
         [--variants mha,gqa,swa] [--window 128] [--vocab-size 50257] [--lengths 256,512,1024]
         [--target 6x384x8] [--draft 2x64x2] [--train-steps 200] [--speculative-k 2,4]
-        [--spec-prompts 3] [--spec-new-tokens 48] [--train-dir DIR] [--json]
+        [--spec-prompts 3] [--spec-new-tokens 48] [--train-dir DIR]
+        [--host-model 48x64x4] [--host-tokens 200] [--json]
 
 decode: randomly initialised RoPE variants of one model (`--model` LAYERSxEMBDxHEADS): `mha`,
 `gqa` (n_kv_head = n_head/4) and `swa` (MHA heads, window `--window`). At context T,
 `recompute` is one new token without a cache: a jitted forward over all T tokens (LM head on
 the last position only, greedy argmax); `cached` is gpt2_jax.generate's own jitted prefill of a
 T-token prompt and decode step, timed over `--new-tokens` steps after two warm-up steps (so its
-context runs T..T+new-tokens). Times are medians per token, compilation excluded; both modes of
-a point run back to back. Cache bytes are those of the cache arrays the decode step returns.
+context runs T..T+new-tokens), with a cache of exactly the slots that needs (generate would
+round it up to a bucket). Times are medians per token, compilation excluded; both modes of a
+point run back to back. Cache bytes are those of the cache arrays the decode step returns.
 
 memory: `swa` decodes max(`--lengths`) tokens and reports its live cache arrays after each
 length; `mha` and `gqa` report the cache gpt2_jax.kv_cache allocates for that length.
@@ -21,6 +23,15 @@ speculative: a target and a small draft (RoPE, GPT-2 vocabulary) trained for `--
 steps each on the built-in Shakespeare text with gpt2_jax.train (0 = random weights) continue
 `--spec-prompts` validation prompts, greedy and sampled (temperature 1): target-only,
 draft-only and speculative, all in the same run. Speed-up = target-only / speculative time.
+
+host (only when asked for): the host overhead of gpt2_jax.generate's decode loop, on a model
+(`--host-model`, vocabulary 64, RoPE) so narrow that the device work is small. After a
+compiling run, `--repeats` greedy runs of an 8-token prompt each time `--host-tokens` decode
+steps of `decode_steps` without reading the tokens back: host ms/token is the CPU time of the
+Python thread over those steps (time.thread_time; XLA runs the steps on its own threads, so
+this is dispatch and bookkeeping only), wall ms/token the elapsed time until the last token is
+ready. Call setup is the thread's CPU time up to the first token (model split, weights, prompt
+padding, prefill dispatch). Medians over the runs.
 """
 
 from __future__ import annotations
@@ -41,10 +52,12 @@ import numpy as np
 from flax import nnx
 
 from gpt2_jax.bench._flags import int_list, name_list
+from gpt2_jax.bench._generate_host import host_lines, host_targets, run_host
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
-PARTS = ("decode", "memory", "speculative")
+PARTS = ("decode", "memory", "speculative", "host")
+DEFAULT_PARTS = PARTS[:3]
 VARIANTS = ("mha", "gqa", "swa")
 WARMUP_STEPS = 2  # decode steps run before timing: the first one compiles
 SPEC_PROMPT_LEN = 32
@@ -69,7 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m gpt2_jax.bench generate",
         description="Cached vs recomputed decoding, KV-cache bytes and speculative decoding.",
     )
-    p.add_argument("--parts", default=",".join(PARTS), help="subset of decode,memory,speculative")
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                   help="subset of decode,memory,speculative,host")  # fmt: skip
     p.add_argument("--contexts", default="128,256,512,1024", help="context lengths T (decode)")
     p.add_argument("--new-tokens", type=int, default=24, help="timed decode steps per context")
     p.add_argument("--repeats", type=int, default=3, help="timed recompute forwards per context")
@@ -88,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-dir", default=None,
                    help="keep (and reuse) prepared data and trained models here "
                    "(default: a temporary directory)")  # fmt: skip
+    p.add_argument("--host-model", default="48x64x4", help="host part model LAYERSxEMBDxHEADS")
+    p.add_argument("--host-tokens", type=int, default=200, help="timed decode steps per host run")
     p.add_argument("--seed", type=int, default=0, help="weights and token seed, 0 <= seed < 2**32")
     p.add_argument("--json", action="store_true", help="print one JSON object per measurement")
     a = p.parse_args(argv)
@@ -99,9 +115,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.lengths = sorted(int_list(a.lengths, "--lengths"))
     a.model = _shape(a.model, "--model")
     a.target, a.draft = _shape(a.target, "--target"), _shape(a.draft, "--draft")
+    a.host_model = _shape(a.host_model, "--host-model")
     a.speculative_k = int_list(a.speculative_k, "--speculative-k")
     for name in ("new_tokens", "repeats", "window", "vocab_size", "spec_prompts",
-                 "spec_new_tokens"):  # fmt: skip
+                 "spec_new_tokens", "host_tokens"):  # fmt: skip
         if getattr(a, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if a.train_steps < 0:
@@ -167,25 +184,22 @@ def _median_ms(times_s: list[float]) -> float:
 
 
 def cached_steps(model, prompt_BT: jax.Array, steps: int) -> Iterator[tuple[float, object]]:
-    """Greedy prefill, then `steps` decode steps of gpt2_jax.generate, each waited for.
-
-    The cache is sized as `generate` sizes it for steps + 1 new tokens. Yields each step's
-    seconds and the live cache it returned.
-    """
+    """Greedy prefill, then `steps` decode steps of gpt2_jax.generate's Decoder, each waited
+    for, with a cache of exactly T + steps + 1 slots. Yields each step's seconds and the live
+    cache it returned."""
     from gpt2_jax import generate as G
     from gpt2_jax.kv_cache import cache_size
+    from gpt2_jax.sampling import Sampling
 
-    graphdef, state = nnx.split(model)
+    dec = G.Decoder(model)
     B, T = prompt_BT.shape
-    keys_B, temp = G.sample_keys(0, B), jnp.float32(0.0)
+    keys_B, temp, greedy = G.sample_keys(0, B), jnp.float32(0.0), Sampling(0.0)
     size = cache_size(model.cfg, T + steps + 1)
-    tok_B, _, cache = G._prefill_step(graphdef, state, prompt_BT, keys_B, temp, size,
-                                      top_k=None, top_p=None)  # fmt: skip
-    for pos in range(T, T + steps):
+    tok_B, _, cache = dec.prefill(prompt_BT, T, keys_B, temp, size, greedy)
+    pos_B = jnp.full((B,), T, jnp.int32)
+    for _ in range(steps):
         t0 = time.perf_counter()
-        pos_B = jnp.full((B,), pos, jnp.int32)
-        tok_B, _, cache = G._decode_step(graphdef, state, cache, tok_B, pos_B, keys_B, temp,
-                                         top_k=None, top_p=None)  # fmt: skip
+        tok_B, _, cache, pos_B = dec.decode(cache, tok_B, pos_B, keys_B, temp, greedy)
         tok_B.block_until_ready()
         yield time.perf_counter() - t0, cache
 
@@ -389,7 +403,7 @@ def _mib(n: int) -> str:
 
 
 def report(records: list[dict]) -> str:
-    """Human-readable tables of every part, then the targets of issue #8."""
+    """Human-readable tables of every part, then the targets of issues #8 and #19."""
     out = []
     dec = {(r["variant"], r["context"], r["mode"]): r for r in records if r["kind"] == "decode"}
     if dec:
@@ -429,11 +443,11 @@ def report(records: list[dict]) -> str:
             f"{r['draft_ms_per_token']:13.2f} {r['speculative_ms_per_token']:12.2f} "
             f"{r['speedup']:8.2f}x"
         )
-    return "\n".join(out + targets(records))
+    return "\n".join(out + host_lines(records) + targets(records))
 
 
 def targets(records: list[dict]) -> list[str]:
-    """Issue #8's targets that the records cover, each 'met' or 'NOT met' with its figure."""
+    """Issue #8 and #19 targets the records cover, each 'met' or 'NOT met' with its figure."""
     verdict = {True: "met", False: "NOT met"}
     dec = {(r["variant"], r["context"], r["mode"]): r for r in records if r["kind"] == "decode"}
     lines = []
@@ -455,6 +469,7 @@ def targets(records: list[dict]) -> list[str]:
         lengths = ",".join(str(r["generated"]) for r in swa)
         lines.append(f"  swa decode memory flat: {' / '.join(_mib(b) for b in sizes)} MiB after "
                      f"{lengths} tokens ({verdict[len(sizes) == 1]})")  # fmt: skip
+    lines += host_targets(records)
     return ["\ntargets:", *lines] if lines else []
 
 
@@ -467,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(record), file=sys.stdout if a.json else sys.stderr, flush=True)
         return record
 
-    run = {"decode": run_decode, "memory": run_memory, "speculative": run_speculative}
+    run = {"decode": run_decode, "memory": run_memory, "speculative": run_speculative,
+           "host": run_host}  # fmt: skip
     for part in PARTS:
         if part in a.parts:
             records += run[part](a, emit)
