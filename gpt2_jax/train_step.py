@@ -132,10 +132,11 @@ class Trainer:
             if R > 1
             else PartitionSpec(None, None, batch_axes, None)
         )
-        split = lambda a_BT: jax.lax.with_sharding_constraint(  # noqa: E731
-            a_BT.reshape(R, B // (A * R), A, T).transpose(2, 0, 1, 3),
-            NamedSharding(self.mesh, spec),
-        )
+
+        def split(a_BT):
+            a_ARbT = a_BT.reshape(R, B // (A * R), A, T).transpose(2, 0, 1, 3)
+            return jax.lax.with_sharding_constraint(a_ARbT, NamedSharding(self.mesh, spec))
+
         step_key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
         if R > 1:
             rules = dict(self.rules, batch=None)  # inside the vmap, the batch is one replica's
@@ -145,7 +146,10 @@ class Trainer:
             )
             zeros = sharding.replica_zeros(params, self.param_specs, R, self.mesh)
         else:
-            grad_fn = lambda p, k, x, y: jax.value_and_grad(self._loss)(p, k, x[0], y[0])  # noqa: E731
+
+            def grad_fn(p, k, x_1bT, y_1bT):  # one replica: drop its axis
+                return jax.value_and_grad(self._loss)(p, k, x_1bT[0], y_1bT[0])
+
             zeros = jax.tree.map(jnp.zeros_like, params)
 
         def micro(carry, inputs):

@@ -107,6 +107,11 @@ def compile_step(cfg, sizes: tuple[int, int, int]):
     return trainer.step.lower(state, batch, batch).compile(), trainer
 
 
+def _ring(n: int) -> float:
+    """Bytes an all-reduce sends per byte of its buffer, per device (ring algorithm)."""
+    return 2 * (n - 1) / n
+
+
 def ideal_bytes(trainer) -> dict[str, float]:
     """The analytic ideal of the module docstring: bytes one device sends per step."""
     import jax
@@ -114,7 +119,6 @@ def ideal_bytes(trainer) -> dict[str, float]:
 
     mesh, cfg, mcfg = trainer.mesh, trainer.cfg, trainer.model_cfg
     d, f, t = (mesh.shape[a] for a in ("data", "fsdp", "tensor"))
-    ring = lambda n: 2 * (n - 1) / n  # noqa: E731  (all-reduce factor)
     per_step = {"weights": 0.0, "gradients": 0.0}
     leaves = jax.tree.leaves(trainer.param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     params = jax.tree.leaves(jax.eval_shape(trainer.init_state).params)
@@ -122,15 +126,15 @@ def ideal_bytes(trainer) -> dict[str, float]:
         nbytes = math.prod(p.shape) * p.dtype.itemsize / (t if "tensor" in tuple(spec) else 1)
         if "fsdp" in tuple(spec):
             per_step["weights"] += (f - 1) / f * nbytes
-            per_step["gradients"] += (f - 1) / f * nbytes + ring(d) * nbytes / f
+            per_step["gradients"] += (f - 1) / f * nbytes + _ring(d) * nbytes / f
         else:
-            per_step["gradients"] += ring(d * f) * nbytes
+            per_step["gradients"] += _ring(d * f) * nbytes
     if trainer.replicas == 1:  # with dropout: reduced every micro-batch
         per_step["gradients"] *= cfg.grad_accum
     rows = cfg.batch_size // (cfg.grad_accum * d * f)
     act = rows * cfg.seq_len * mcfg.n_embd * jax.numpy.dtype(mcfg.compute_dtype).itemsize
     vocab_split = "tensor" in tuple(trainer.param_specs["wte"]["embedding"].value)
-    per_micro = (4 * mcfg.n_layer + (2 if vocab_split else 0)) * ring(t) * act if t > 1 else 0.0
+    per_micro = (4 * mcfg.n_layer + (2 if vocab_split else 0)) * _ring(t) * act if t > 1 else 0.0
     per_step["activations"] = per_micro * cfg.grad_accum
     per_step["total"] = sum(per_step.values())
     return per_step
