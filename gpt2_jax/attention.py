@@ -6,18 +6,22 @@ Window w: query i sees keys j with i - w < j <= i (w keys including itself); sca
 
 Implementations (`model.attention_impl`):
 - `xla`: `jax.nn.dot_product_attention`, masking the full T×T scores (the reference).
-- `blocked`: `gpt2_jax.blocked_attention`, tiled with an online softmax and a custom VJP;
-  O(T·w) time and memory with a window, O(T) memory without one. Any backend and dtype.
+- `chunked`: `gpt2_jax.chunked_attention`, exact softmax per query chunk over only the keys
+  it can see, probabilities saved for a recompute-free custom VJP; O(T·min(T, w)) memory.
+- `blocked`: `gpt2_jax.blocked_attention`, tiled with an online softmax and a custom VJP
+  that recomputes; O(T·w) time and memory with a window, O(T) memory without one.
 - `cudnn`: cuDNN flash attention via `jax.nn.dot_product_attention(implementation="cudnn")`
   with `local_window_size`; CUDA GPU and bf16/fp16 only, refused elsewhere.
 - `auto`: on a GPU with bf16/fp16 and head dim a multiple of 8 up to 128, `cudnn`. On CPU,
-  `blocked` when T >= AUTO_BLOCKED_MIN_T, with or without a window: on the 2-core CPU
-  (docs/bench/attention.md, 12 heads of 64) its fwd+bwd is 2-4x faster than `xla` from
-  T = 512 on without a window and 2-7x with one; below 512 the gain is small or negative
-  (one or two 128-blocks, where the tiling buys nothing). Elsewhere
-  (not measured) `blocked` only when T >= AUTO_BLOCKED_MIN_T and either there is a window
-  with w <= T / AUTO_WINDOW_RATIO (the masked T×T work is mostly wasted) or T >= AUTO_LONG_T
-  (the T×T scores stop fitting comfortably in memory); `xla` otherwise.
+  `chunked` when each query sees at most AUTO_CHUNKED_MAX_SPAN keys (min(T, w)), else
+  `blocked`. Measured on 2-core CPUs (BENCHMARKS.md, issue 16), fwd+bwd: `chunked` is 3-4x
+  faster than `xla` at T = 256 and on par with torch SDPA; with w = 256 it is 2x faster
+  than `blocked` at T = 8192 and linear in T. Past the span limit its saved probabilities
+  (B·N·span fp32 per query) outgrow what a training step should hold, so the recomputing
+  `blocked` path takes over. Elsewhere (not measured) `blocked` only when
+  T >= AUTO_BLOCKED_MIN_T and either there is a window with w <= T / AUTO_WINDOW_RATIO
+  (the masked T×T work is mostly wasted) or T >= AUTO_LONG_T (the T×T scores stop fitting
+  comfortably in memory); `xla` otherwise.
 
 An explicit boolean `mask_BTS` (KV-cache decoding, queries and keys at different positions)
 always runs on the `xla` path.
@@ -29,9 +33,11 @@ import jax
 import jax.numpy as jnp
 
 from gpt2_jax.blocked_attention import DEFAULT_BLOCK, blocked_attention
+from gpt2_jax.chunked_attention import chunked_attention
 from gpt2_jax.errors import UserError
 
-IMPLS = ("auto", "xla", "blocked", "cudnn")
+IMPLS = ("auto", "xla", "chunked", "blocked", "cudnn")
+AUTO_CHUNKED_MAX_SPAN = 1024
 AUTO_BLOCKED_MIN_T = 512
 AUTO_WINDOW_RATIO = 4
 AUTO_LONG_T = 8192
@@ -59,10 +65,11 @@ def resolve_impl(
     head_ok = head_dim is None or (head_dim % 8 == 0 and head_dim <= 128)
     if backend == "gpu" and jnp.dtype(dtype) in _CUDNN_DTYPES and head_ok:
         return "cudnn"
+    if backend == "cpu":
+        span = seq_len if window is None or seq_len is None else min(seq_len, window)
+        return "chunked" if span is None or span <= AUTO_CHUNKED_MAX_SPAN else "blocked"
     if seq_len is None or seq_len < AUTO_BLOCKED_MIN_T:
         return "xla"
-    if backend == "cpu":
-        return "blocked"
     if window is not None and window * AUTO_WINDOW_RATIO <= seq_len:
         return "blocked"
     return "blocked" if seq_len >= AUTO_LONG_T else "xla"
@@ -134,4 +141,6 @@ def dot_product_attention(
         return xla_attention(q_BTNH, k_BSKH, v_BSKH, window=window, mask_BTS=mask_BTS)
     if impl == "cudnn":
         return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, window=window)
+    if impl == "chunked":
+        return chunked_attention(q_BTNH, k_BSKH, v_BSKH, window=window)
     return blocked_attention(q_BTNH, k_BSKH, v_BSKH, window=window, block=block)

@@ -15,7 +15,7 @@ from gpt2_jax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 POS_EMBEDDINGS = ("learned", "rope")
-ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "blocked", "cudnn")
 
 
 class ConfigError(UserError):
@@ -45,7 +45,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     dtype: str = "auto"  # compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: str = "float32"
-    attention_impl: str = "auto"  # "auto" | "xla" | "blocked" | "cudnn"
+    attention_impl: str = "auto"  # "auto" | "xla" | "chunked" | "blocked" | "cudnn"
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:

@@ -1,4 +1,5 @@
-"""Attention backends: blocked and auto equal the xla reference; cudnn refuses off-GPU."""
+"""Attention backends: chunked, blocked and auto equal the xla reference; cudnn refuses
+off-GPU."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from gpt2_jax import attention
 from gpt2_jax.attention import dot_product_attention, resolve_impl, xla_attention
 from gpt2_jax.bench import attention as bench
 from gpt2_jax.blocked_attention import blocked_attention, num_offsets, schedule
+from gpt2_jax.chunked_attention import chunked_attention, spans
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import GPT, cross_entropy
@@ -41,16 +43,21 @@ def _qkv_ct(n_head, n_kv_head, t, seed=0, batch=2, head_dim=16):
     return q, k, v, normal(batch, t, n_head, head_dim)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _pair(q, k, v, ct, window, block):
-    """Output and (dq, dk, dv) for cotangent `ct` of blocked and xla, in one compile."""
+TILED = {"blocked": blocked_attention, "chunked": chunked_attention}
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _pair(q, k, v, ct, window, block, impl="blocked"):
+    """Output and (dq, dk, dv) for cotangent `ct` of `impl` (tile or chunk size `block`)
+    and of xla, in one compile."""
 
     def run(fn):
         y, vjp = jax.vjp(fn, q, k, v)
         return y, vjp(ct)
 
-    blocked = run(lambda q, k, v: blocked_attention(q, k, v, window=window, block=block))
-    return blocked, run(lambda q, k, v: xla_attention(q, k, v, window=window))
+    size = {"blocked": "block", "chunked": "chunk"}[impl]
+    tiled = run(lambda q, k, v: TILED[impl](q, k, v, window=window, **{size: block}))
+    return tiled, run(lambda q, k, v: xla_attention(q, k, v, window=window))
 
 
 def _assert_close(got, want):
@@ -59,19 +66,31 @@ def _assert_close(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize("impl", TILED)
 @pytest.mark.parametrize("window", WINDOWS.values(), ids=WINDOWS.keys())
 @pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
-def test_blocked_matches_xla_outputs_and_grads(heads, window):
+def test_tiled_paths_match_xla_outputs_and_grads(heads, window, impl):
     q, k, v, ct = _qkv_ct(*heads, T)
-    (y, grads), (y_ref, grads_ref) = _pair(q, k, v, ct, window, BLOCK)
+    (y, grads), (y_ref, grads_ref) = _pair(q, k, v, ct, window, BLOCK, impl)
     nonzero = (y_ref, *grads_ref[2 if window == 1 else 0 :])  # w = 1: dq = dk = 0
     assert all(float(jnp.abs(x).max()) > 0.1 for x in nonzero)
     _assert_close((y, grads), (y_ref, grads_ref))
 
 
-def test_blocked_with_sequence_shorter_than_block():
+@pytest.mark.parametrize("impl", TILED)
+def test_tiled_paths_with_sequence_shorter_than_block(impl):
     q, k, v, ct = _qkv_ct(4, 2, 7, seed=1)
-    _assert_close(*_pair(q, k, v, ct, 3, 128))
+    _assert_close(*_pair(q, k, v, ct, 3, 128, impl))
+
+
+def test_chunked_spans_cover_exactly_the_visible_keys():
+    """Each query chunk's key range starts at the first key its first row can see, so no
+    visible key is left out and, with a window, the work stays linear in T."""
+    assert spans(45, 8, None)[-1] == (40, 45, 0)  # the last chunk is short
+    assert spans(45, 8, 5) == tuple((q0, min(45, q0 + 8), max(0, q0 - 4)) for q0 in range(0, 45, 8))
+    keys = sum(q1 - k0 for _, q1, k0 in spans(8192, 128, 256))
+    assert keys == sum(min(q0 + 128, 8192) - max(0, q0 - 255) for q0 in range(0, 8192, 128))
+    assert keys <= 8192 * (128 + 256)  # O(T·(chunk + w)), not O(T²)
 
 
 def _equations(jaxpr):
@@ -85,7 +104,7 @@ def _equations(jaxpr):
                     yield from _equations(sub)
 
 
-@pytest.mark.parametrize("impl", ["blocked", "xla"])
+@pytest.mark.parametrize("impl", ["blocked", "chunked", "xla"])
 def test_mqa_scores_are_grouped_not_repeated(impl):
     """With N = 8 query heads on one K/V head, no matmul of the forward or backward pairs
     8 heads of q with 8 heads of k/v: a head batch axis of size N would mean K/V repeated."""
@@ -117,24 +136,29 @@ def test_schedule_picks_the_cheaper_tiling():
 def test_auto_rule_and_auto_matches_xla():
     t_min, t_long = attention.AUTO_BLOCKED_MIN_T, attention.AUTO_LONG_T
     f32, bf16 = jnp.float32, jnp.bfloat16
-    for backend in ("cpu", "gpu", "tpu"):
+    for backend in ("gpu", "tpu"):
         rule = functools.partial(resolve_impl, "auto", f32, backend=backend)
         assert rule(seq_len=t_min - 1, window=None) == "xla"
         assert rule(seq_len=t_min - 1, window=8) == "xla"
         assert rule(seq_len=4096, window=256) == "blocked"
         assert rule(seq_len=t_long, window=None) == "blocked"
-    # CPU (measured): blocked from t_min on, window or not. Elsewhere only past the ratio/long T.
-    assert resolve_impl("auto", f32, seq_len=t_min, window=None, backend="cpu") == "blocked"
-    assert resolve_impl("auto", f32, seq_len=4096, window=4096, backend="cpu") == "blocked"
+    # CPU (measured): chunked while a query sees at most the span limit of keys, then blocked.
+    span = attention.AUTO_CHUNKED_MAX_SPAN
+    cpu = functools.partial(resolve_impl, "auto", f32, backend="cpu")
+    assert cpu(seq_len=64, window=None) == cpu(seq_len=span, window=None) == "chunked"
+    assert cpu(seq_len=span + 1, window=None) == "blocked"
+    assert cpu(seq_len=16384, window=256) == cpu(seq_len=16384, window=span) == "chunked"
+    assert cpu(seq_len=4096, window=span + 1) == "blocked"
+    assert cpu(seq_len=span, window=span + 1) == "chunked"  # the window is wider than T
     assert resolve_impl("auto", f32, seq_len=4096, window=4096, backend="gpu") == "xla"
     assert resolve_impl("auto", f32, seq_len=4096, window=2048, backend="gpu") == "xla"
     assert resolve_impl("auto", bf16, seq_len=4096, window=None, backend="gpu") == "cudnn"
     assert resolve_impl("auto", bf16, head_dim=160, backend="gpu") == "xla"
-    assert resolve_impl("auto", bf16) == "xla"  # no GPU here, so never cudnn
-    for impl in ("xla", "blocked", "cudnn"):
+    assert resolve_impl("auto", bf16) == "chunked"  # no GPU here, so never cudnn
+    for impl in ("xla", "chunked", "blocked", "cudnn"):
         assert resolve_impl(impl, jnp.float32) == impl
     t, w = attention.AUTO_BLOCKED_MIN_T, 16
-    assert resolve_impl("auto", jnp.float32, seq_len=t, window=w) == "blocked"
+    assert resolve_impl("auto", jnp.float32, seq_len=t, window=w) == "chunked"
     q, k, v, _ = _qkv_ct(2, 1, t, batch=1, head_dim=8)
     got = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, window=w, impl="auto"))(q, k, v)
     _assert_close(got, xla_attention(q, k, v, window=w))
@@ -147,7 +171,7 @@ def test_explicit_mask_runs_on_xla_for_every_impl():
         (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 4), (2, 12, 12)
     )
     want = xla_attention(q, k, v, window=4)
-    for impl in ("xla", "blocked", "cudnn", "auto"):
+    for impl in ("xla", "chunked", "blocked", "cudnn", "auto"):
         got = dot_product_attention(q, k, v, window=None, impl=impl, mask_BTS=mask_BTS)
         _assert_close(got, want)
 
@@ -242,15 +266,16 @@ def _train(cfg: ModelConfig, state, tokens_BT, steps: int):
     return history
 
 
-def test_training_with_blocked_matches_xla_step_by_step():
+@pytest.mark.parametrize("impl", TILED)
+def test_training_with_tiled_paths_matches_xla_step_by_step(impl):
     # T = 150 > default block 128: two blocks, the second padded; window 40 spans both.
     kw = dict(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=256)
     kw |= dict(pos_embedding="rope", attention_window=40)
     tokens_BT = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 151)), jnp.int32)
     state = nnx.state(GPT(ModelConfig(**kw, attention_impl="xla"), rngs=nnx.Rngs(0)))
     runs = [
-        _train(ModelConfig(**kw, attention_impl=impl), state, tokens_BT, steps=3)
-        for impl in ("xla", "blocked")
+        _train(ModelConfig(**kw, attention_impl=name), state, tokens_BT, steps=3)
+        for name in ("xla", impl)
     ]
     losses = [float(h[0]) for h in runs[0]]
     assert losses[-1] < losses[0] - 0.01  # the steps really train

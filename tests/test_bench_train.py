@@ -28,7 +28,9 @@ def test_bench_train_json_records(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [(["--peers", "hf,flash"], "unknown peer 'flash'"), (["--n-embd", "30"], "divisible"),
-     (["--steps", "0"], "--steps must be positive"), (["--n-layer", "x"], "invalid int")],
+     (["--steps", "0"], "--steps must be positive"),
+     (["--n-layer", "x"], "--n-layer takes comma-separated integers"),
+     (["--n-layer", "2,0"], "--n-layer takes positive integers")],
 )  # fmt: skip
 def test_bench_train_bad_flags_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -36,3 +38,41 @@ def test_bench_train_bad_flags_one_line(argv, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_bench_train_depth_list_one_row_each_and_summary(capsys, monkeypatch, tmp_path):
+    """`--n-layer 1,2` measures each depth with every contender and ends with ours / peer
+    per shape; `--profile` leaves a trace per shape; `--shapes` swaps in the fixed SHAPES."""
+    argv = ["--n-layer", "1,2", "--n-head", "2", "--n-embd", "32", "--batch-size", "2"]
+    argv += ["--seq-len", "16", "--steps", "1", "--rounds", "1", "--peers", "hf"]
+    assert bench.main([*argv, "--json", "--profile", str(tmp_path)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["name"], r["n_layer"]) for r in records] == [
+        ("gpt2_jax", 1), ("hf", 1), ("gpt2_jax", 2), ("hf", 2)
+    ]  # fmt: skip
+    for shape in ("L1-d32-h2", "L2-d32-h2"):
+        assert list((tmp_path / shape).rglob("*.xplane.pb")), shape
+    summary = bench._summary(records).splitlines()[1:]
+    assert [line.split()[:1] for line in summary] == [["L=1"], ["L=2"]]
+    for line, rec in zip(summary, records[1::2], strict=True):
+        assert "vs hf" in line and line.endswith(f"{rec['ours_over_this']:.2f}x")
+    small = dict(bench.SHAPES[-1], n_layer=3, n_embd=32, n_head=2, batch_size=2, seq_len=16)
+    monkeypatch.setattr(bench, "SHAPES", [small])
+    assert bench.main(["--shapes", "--steps", "1", "--rounds", "1", "--peers", "hf"]) == 0
+    out = capsys.readouterr().out
+    assert "GPT-2 L=3 H=2 d=32 B=2 T=16" in out and "ours / peer" not in out  # one shape
+
+
+def test_bench_pieces_times_every_piece_for_both(capsys):
+    from gpt2_jax.bench import pieces
+
+    argv = ["--n-embd", "32", "--n-head", "2", "--batch-size", "2", "--seq-len", "16"]
+    assert pieces.main([*argv, "--repeats", "1", "--rounds", "1", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["piece"] for r in records] == list(pieces.PIECES)
+    for r in records:
+        assert r["ours_ms"] > 0 and r["torch_ms"] > 0
+        assert r["ours_over_torch_time"] == pytest.approx(r["ours_ms"] / r["torch_ms"])
+    with pytest.raises(SystemExit):
+        pieces.main(["--attention-impl", "flash"])
+    assert capsys.readouterr().err.strip().startswith("error: unknown attention impl 'flash'")

@@ -1,7 +1,7 @@
 """Attention backends: forward+backward time and peak memory against sequence length.
 
     python -m gpt2_jax.bench attention [--seq-lens 1024,...] [--windows none,256]
-        [--impls xla,blocked] [--n-head 4] [--n-kv-head 4] [--head-dim 64] [--batch 1]
+        [--impls xla,chunked,blocked] [--n-head 4] [--n-kv-head 4] [--head-dim 64] [--batch 1]
         [--dtype float32] [--block 128] [--repeats 3] [--json] [--plot PNG|none]
 
 Each point times `jax.value_and_grad` of sum(attention(q, k, v)) over q, k, v (best of
@@ -35,7 +35,7 @@ from gpt2_jax.bench._flags import int_list
 from gpt2_jax.bench._out import fresh_out_dir
 from gpt2_jax.errors import UserError, cli_main
 
-IMPLS = ("auto", "xla", "blocked", "cudnn", "torch")
+IMPLS = ("auto", "xla", "chunked", "blocked", "cudnn", "torch")
 FIELDS = (
     "impl",
     "T",
@@ -81,8 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--seq-lens", default="1024,2048,4096,8192,16384", help="comma-separated T")
     p.add_argument("--windows", default="none,256", help="'none' (full causal) and/or window sizes")
-    p.add_argument("--impls", default=None, help="subset of auto,xla,blocked,cudnn,torch "
-                   "(default xla,blocked; plus cudnn,torch on a GPU)")  # fmt: skip
+    p.add_argument("--impls", default=None, help="subset of auto,xla,chunked,blocked,cudnn,"
+                   "torch (default xla,chunked,blocked; plus cudnn,torch on a GPU)")  # fmt: skip
     p.add_argument("--n-head", type=int, default=4, help="query heads N")
     p.add_argument("--n-kv-head", type=int, default=None, help="K/V heads K (default N)")
     p.add_argument("--head-dim", type=int, default=64, help="head dim H")
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     backend = jax.default_backend()
     impls = _impls(a.impls) if a.impls else (
-        ["xla", "blocked"] + (["cudnn", "torch"] if backend == "gpu" else [])
+        ["xla", "chunked", "blocked"] + (["cudnn", "torch"] if backend == "gpu" else [])
     )  # fmt: skip
     if "cudnn" in impls:
         from gpt2_jax.attention import require_cudnn

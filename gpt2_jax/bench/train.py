@@ -1,8 +1,13 @@
 """Training throughput: our jitted train step against HF transformers and the torch reference.
 
-    python -m gpt2_jax.bench train [--n-layer 4] [--n-head 4] [--n-embd 256]
+    python -m gpt2_jax.bench train [--n-layer 4[,8,...]] [--n-head 4] [--n-embd 256]
         [--batch-size 8] [--seq-len 256] [--steps 10] [--rounds 3] [--peers hf,torch_ref]
-        [--json]
+        [--shapes] [--attention-impl auto] [--profile DIR] [--json]
+
+`--n-layer` takes a comma list: one row per depth, so the per-layer cost shows as the
+difference between rows. `--shapes` runs the fixed set SHAPES instead (issue 16's table:
+d 256, 8 heads, B 8, T 256 at 1, 4 and 8 layers; then GPT-2 small's block shape, d 768 and
+12 heads, at 4 layers and B 4) and ends with one line per shape: ours / each peer.
 
 Every contender trains the same GPT-2 shape (fp32, no dropout, AdamW with the same
 hyper-parameters, global-norm clipping 1.0) on the same random tokens. Time per step is the
@@ -21,12 +26,20 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
+from gpt2_jax.bench._flags import int_list
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
 PEERS = ("hf", "torch_ref")
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "batch_size", "seq_len")
+SHAPES = tuple(
+    dict(zip(SHAPE_KEYS, values, strict=True))
+    for values in ((1, 8, 256, 8, 256), (4, 8, 256, 8, 256), (8, 8, 256, 8, 256),
+                   (4, 12, 768, 4, 256))
+)  # fmt: skip
 
 
 def _timed(step: Callable[[], None], sync: Callable[[], None], n: int) -> float:
@@ -138,6 +151,11 @@ def run(args) -> list[dict]:
         done = ", ".join(f"{n} {1e3 * step_s[n][-1]:.0f} ms" for n in names)
         print(f"round {r + 1}/{args.rounds}: {done}", file=sys.stderr)
     peak = statistics.median(peaks)
+    if args.profile:  # after the timed rounds, so tracing never slows a timed step
+        trace_dir = Path(args.profile) / f"L{args.n_layer}-d{args.n_embd}-h{args.n_head}"
+        with jax.profiler.trace(str(trace_dir)):
+            _timed(*runners["gpt2_jax"], args.steps)
+        print(f"jax.profiler trace of {args.steps} steps in {trace_dir}/", file=sys.stderr)
     records = []
     for name in names:
         sec = statistics.median(step_s[name])
@@ -153,6 +171,17 @@ def run(args) -> list[dict]:
     for rec in records:
         rec["ours_over_this"] = ours / rec["tokens_per_sec"]
     return records
+
+
+def _summary(records: list[dict]) -> str:
+    """One line per shape: ours / each peer (tok/s), the figure issue 16 asks for."""
+    lines = ["ours / peer (tok/s), per shape:"]
+    for r in records:
+        if r["name"] != "gpt2_jax":
+            shape = (f"L={r['n_layer']} H={r['n_head']} d={r['n_embd']} B={r['batch_size']} "
+                     f"T={r['seq_len']}")  # fmt: skip
+            lines.append(f"  {shape:<32} vs {r['name']:<9} {r['ours_over_this']:5.2f}x")
+    return "\n".join(lines)
 
 
 def _table(records: list[dict]) -> str:
@@ -185,7 +214,7 @@ def _peers(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(prog="python -m gpt2_jax.bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-layer", default="4", help="comma list of depths, one row each")
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
@@ -194,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="turns each contender takes")
     p.add_argument("--peers", type=_peers, default=list(PEERS), help="comma list: hf,torch_ref")
     p.add_argument("--attention-impl", default="auto", help="model.attention_impl for ours")
+    p.add_argument("--shapes", action="store_true", help="run the fixed SHAPES (module doc) "
+                   "instead of --n-layer/--n-head/--n-embd/--batch-size/--seq-len")  # fmt: skip
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="also trace --steps more "
+        "steps of ours with jax.profiler into DIR/<shape>/ (TensorBoard, Perfetto)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per contender")
     return p
 
@@ -201,15 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "steps", "rounds"):
+    depths = int_list(args.n_layer, "--n-layer")
+    for name in ("n_head", "n_embd", "batch_size", "seq_len", "steps", "rounds"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if args.n_embd % args.n_head:
         raise UserError("--n-embd must be divisible by --n-head")
-    records = run(args)
-    if args.json:
-        for rec in records:
-            print(json.dumps(rec))
-    else:
-        print(_table(records))
+    shapes = SHAPES if args.shapes else [
+        {**{k: getattr(args, k) for k in SHAPE_KEYS}, "n_layer": n} for n in depths
+    ]  # fmt: skip
+    records = []
+    for shape in shapes:
+        shape_records = run(argparse.Namespace(**{**vars(args), **shape}))
+        records += shape_records
+        if args.json:
+            for rec in shape_records:
+                print(json.dumps(rec), flush=True)
+        else:
+            print(_table(shape_records), flush=True)
+    if not args.json and args.peers and len(shapes) > 1:
+        print(_summary(records))
     return 0
