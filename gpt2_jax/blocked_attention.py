@@ -45,6 +45,21 @@ def schedule(n_blocks: int, block: int, window: int | None) -> str:
     return "band" if band_tiles <= n_even * (n_even + 1) // 2 else "triangle"
 
 
+def check_qkv(q_BTNH, k_BTKH, v_BTKH, window: int | None, **sizes: int) -> int:
+    """Raise ValueError unless q is [B,T,N,H], k and v [B,T,K,H] with K dividing N, and the
+    window and the tile `sizes` are positive; returns K."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    if k_BTKH.shape != (B, T, K, H) or v_BTKH.shape != k_BTKH.shape or N % K:
+        raise ValueError(
+            f"attention needs q [B,T,N,H] and k, v [B,T,K,H] with K dividing N, got "
+            f"{q_BTNH.shape}, {k_BTKH.shape}, {v_BTKH.shape}"
+        )
+    if min(sizes.values()) <= 0 or (window is not None and window <= 0):
+        raise ValueError(f"{', '.join(sizes)} and window must be positive, got {sizes}, {window}")
+    return K
+
+
 def blocked_attention(
     q_BTNH: jax.Array,
     k_BTKH: jax.Array,
@@ -55,14 +70,7 @@ def blocked_attention(
 ) -> jax.Array:
     """Causal attention of q [B,T,N,H] over k, v [B,T,K,H]; token i sees i - w < j <= i."""
     B, T, N, H = q_BTNH.shape
-    K = k_BTKH.shape[2]
-    if k_BTKH.shape != (B, T, K, H) or v_BTKH.shape != k_BTKH.shape or N % K:
-        raise ValueError(
-            f"blocked attention needs q [B,T,N,H] and k, v [B,T,K,H] with K dividing N, got "
-            f"{q_BTNH.shape}, {k_BTKH.shape}, {v_BTKH.shape}"
-        )
-    if block <= 0 or (window is not None and window <= 0):
-        raise ValueError(f"block and window must be positive, got {block}, {window}")
+    K = check_qkv(q_BTNH, k_BTKH, v_BTKH, window, block=block)
     G = N // K
     b = min(block, T)
     n = -(-T // b)

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2_jax.blocked_attention import check_qkv
+
 # Measured on the 2-core CPU (BENCHMARKS.md, issue 16): 64-query chunks make a causal step
 # ~5% faster than 128 at T = 256 (fewer masked keys per chunk); with a window, 128 is
 # 10% faster at T = 8192 (fewer, larger matmuls per band).
@@ -69,16 +71,9 @@ def chunked_attention(
     `chunk` (queries per chunk) defaults to CAUSAL_CHUNK, or WINDOW_CHUNK with a window.
     """
     B, T, N, H = q_BTNH.shape
-    K = k_BTKH.shape[2]
-    if k_BTKH.shape != (B, T, K, H) or v_BTKH.shape != k_BTKH.shape or N % K:
-        raise ValueError(
-            f"chunked attention needs q [B,T,N,H] and k, v [B,T,K,H] with K dividing N, got "
-            f"{q_BTNH.shape}, {k_BTKH.shape}, {v_BTKH.shape}"
-        )
     if chunk is None:
         chunk = CAUSAL_CHUNK if window is None else WINDOW_CHUNK
-    if chunk <= 0 or (window is not None and window <= 0):
-        raise ValueError(f"chunk and window must be positive, got {chunk}, {window}")
+    K = check_qkv(q_BTNH, k_BTKH, v_BTKH, window, chunk=chunk)
     G = N // K
     q_BKRH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
     k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)

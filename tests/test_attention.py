@@ -283,3 +283,13 @@ def test_training_with_tiled_paths_matches_xla_step_by_step(impl):
         assert abs(float(loss_b) - float(loss_x)) <= TOL
         _assert_close(grads_b, grads_x)
         _assert_close(params_b, params_x)
+
+
+@pytest.mark.parametrize("impl", TILED)
+def test_tiled_paths_refuse_bad_shapes_and_sizes(impl):
+    q, k, v, _ = _qkv_ct(4, 3, 8)  # 3 K/V heads do not divide 4 query heads
+    with pytest.raises(ValueError, match="K dividing N"):
+        TILED[impl](q, k, v, window=None)
+    q, k, v, _ = _qkv_ct(4, 2, 8)
+    with pytest.raises(ValueError, match="window must be positive"):
+        TILED[impl](q, k, v, window=0)
