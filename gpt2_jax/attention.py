@@ -14,11 +14,11 @@ Implementations (`model.attention_impl`):
   with `local_window_size`; CUDA GPU and bf16/fp16 only, refused elsewhere.
 - `auto`: on a GPU with bf16/fp16 and head dim a multiple of 8 up to 128, `cudnn`. On CPU,
   `chunked` when each query sees at most AUTO_CHUNKED_MAX_SPAN keys (min(T, w)), else
-  `blocked`. Measured on 2-core CPUs (BENCHMARKS.md, issue 16), fwd+bwd: `chunked` is 3-4x
-  faster than `xla` at T = 256 and on par with torch SDPA; with w = 256 it is 2x faster
-  than `blocked` at T = 8192 and linear in T. Past the span limit its saved probabilities
-  (B·N·span fp32 per query) outgrow what a training step should hold, so the recomputing
-  `blocked` path takes over. Elsewhere (not measured) `blocked` only when
+  `blocked`. Measured on a 2-core CPU (BENCHMARKS.md, issue 16), fwd+bwd: `chunked` is 3-4x
+  faster than `xla` at T = 256 to 1024 and within 1.4x of torch SDPA; with w = 256 it is
+  1.4-1.8x faster than `blocked` at T = 8192 and linear in T. Past the span limit its saved
+  probabilities (B·N·span fp32 per query) outgrow what a training step should hold, so the
+  recomputing `blocked` path takes over. Elsewhere (not measured) `blocked` only when
   T >= AUTO_BLOCKED_MIN_T and either there is a window with w <= T / AUTO_WINDOW_RATIO
   (the masked T×T work is mostly wasted) or T >= AUTO_LONG_T (the T×T scores stop fitting
   comfortably in memory); `xla` otherwise.
