@@ -34,9 +34,9 @@ import jax.numpy as jnp
 
 from gpt2_jax.blocked_attention import DEFAULT_BLOCK, blocked_attention
 from gpt2_jax.chunked_attention import chunked_attention
+from gpt2_jax.config import ATTENTION_IMPLS as IMPLS
 from gpt2_jax.errors import UserError
 
-IMPLS = ("auto", "xla", "chunked", "blocked", "cudnn")
 AUTO_CHUNKED_MAX_SPAN = 1024
 AUTO_BLOCKED_MIN_T = 512
 AUTO_WINDOW_RATIO = 4

@@ -30,7 +30,8 @@ def test_bench_train_json_records(capsys):
     [(["--peers", "hf,flash"], "unknown peer 'flash'"), (["--n-embd", "30"], "divisible"),
      (["--steps", "0"], "--steps must be positive"),
      (["--n-layer", "x"], "--n-layer takes comma-separated integers"),
-     (["--n-layer", "2,0"], "--n-layer takes positive integers")],
+     (["--n-layer", "2,0"], "--n-layer takes positive integers"),
+     (["--profile", "pyproject.toml"], "is a file; pass a directory")],
 )  # fmt: skip
 def test_bench_train_bad_flags_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -33,9 +33,10 @@ from tqdm import tqdm
 
 from gpt2_jax.bench._flags import int_list
 from gpt2_jax.bench._out import fresh_out_dir
+from gpt2_jax.config import ATTENTION_IMPLS
 from gpt2_jax.errors import UserError, cli_main
 
-IMPLS = ("auto", "xla", "chunked", "blocked", "cudnn", "torch")
+IMPLS = (*ATTENTION_IMPLS, "torch")
 FIELDS = (
     "impl",
     "T",

@@ -225,13 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-impl", default="auto", help="model.attention_impl for ours")
     p.add_argument("--shapes", action="store_true", help="run the fixed SHAPES (module doc) "
                    "instead of --n-layer/--n-head/--n-embd/--batch-size/--seq-len")  # fmt: skip
-    p.add_argument(
-        "--profile",
-        default=None,
-        metavar="DIR",
-        help="also trace --steps more "
-        "steps of ours with jax.profiler into DIR/<shape>/ (TensorBoard, Perfetto)",
-    )
+    p.add_argument("--profile", default=None, metavar="DIR", help="after timing, trace --steps "
+                   "more steps of ours with jax.profiler into DIR/<shape>/")  # fmt: skip
     p.add_argument("--json", action="store_true", help="one JSON object per contender")
     return p
 
@@ -245,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if args.n_embd % args.n_head:
         raise UserError("--n-embd must be divisible by --n-head")
+    if args.profile and Path(args.profile).exists() and not Path(args.profile).is_dir():
+        raise UserError(f"--profile {args.profile} is a file; pass a directory for the traces")
     shapes = SHAPES if args.shapes else [
         {**{k: getattr(args, k) for k in SHAPE_KEYS}, "n_layer": n} for n in depths
     ]  # fmt: skip
