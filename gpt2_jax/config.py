@@ -16,6 +16,7 @@ from gpt2_jax.errors import UserError
 DTYPES = ("float32", "bfloat16", "float16")
 POS_EMBEDDINGS = ("learned", "rope")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "blocked", "cudnn")
+LOSS_IMPLS = ("full", "chunked")
 
 
 class ConfigError(UserError):
@@ -159,6 +160,18 @@ class TrainConfig:
     overwrite: bool = False
     skip_nonfinite: bool = False
     peak_flops: float | None = None  # per device; None = table or CPU probe
+    loss_impl: str = "full"  # "full" | "chunked" (fused LM head + loss, no [tokens, V] logits)
+    loss_chunk: int = 128  # sequence positions per chunk of the chunked loss
+
+    def __post_init__(self) -> None:
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ConfigError(
+                f"unknown train.loss_impl={self.loss_impl!r}; use one of {LOSS_IMPLS}"
+            )
+        if self.loss_chunk <= 0:
+            raise ConfigError(
+                f"train.loss_chunk must be a positive number of positions, got {self.loss_chunk}"
+            )
 
 
 @dataclass(frozen=True)

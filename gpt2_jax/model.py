@@ -14,7 +14,8 @@ import numpy as np
 from flax import nnx
 
 from gpt2_jax.attention import dot_product_attention
-from gpt2_jax.config import ConfigError, ModelConfig
+from gpt2_jax.chunked_loss import chunked_cross_entropy
+from gpt2_jax.config import LOSS_IMPLS, ConfigError, ModelConfig
 from gpt2_jax.rope import apply_rope, rope_angles
 from gpt2_jax.sampling import mask_vocab
 from gpt2_jax.sharding import constrain, tensor_parallel
@@ -233,16 +234,23 @@ class GPT(nnx.Module):
             rope_cs = rope_angles(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
         return self.drop(x_BTD), rope_cs
 
+    def head(self) -> tuple[jax.Array, str]:
+        """The LM head weight in the compute dtype and its layout: the tied table [V, D]
+        ("VD") or the untied kernel [D, V] ("DV"), whole along features under a mesh."""
+        if self.cfg.tie_embeddings:
+            return self.table(), "VD"
+        kernel_DV = constrain(self.lm_head.kernel[...], None, "vocab")
+        return kernel_DV.astype(jnp.dtype(self.cfg.compute_dtype)), "DV"
+
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """Final LayerNorm and LM head; fp32 logits over the padded vocab, with the padded
         columns (ids >= vocab_size) at -inf."""
         x_BTD = self.ln_f(x_BTD)
-        dtype = jnp.dtype(self.cfg.compute_dtype)
         if self.cfg.tie_embeddings:
             w_VD = self.table()
             B, T, D = x_BTD.shape  # rows flattened to 2-D, as in `Dense`
             logits_BTV = jnp.einsum(
-                "nd,vd->nv", x_BTD.reshape(B * T, D).astype(dtype), w_VD,
+                "nd,vd->nv", x_BTD.reshape(B * T, D).astype(w_VD.dtype), w_VD,
                 preferred_element_type=jnp.float32,
             ).reshape(B, T, -1)  # fmt: skip
         else:
@@ -250,6 +258,22 @@ class GPT(nnx.Module):
         # The padded width stays (its vocab axis divides the mesh); -inf keeps the padded ids
         # out of the loss, argmax and sampling. A no-op, no graph change, when unpadded.
         return mask_vocab(logits_BTV, self.cfg.vocab_size)
+
+    def loss(
+        self, tokens_BT: jax.Array, targets_BT: jax.Array, *, impl: str = "full", chunk: int = 128
+    ) -> jax.Array:
+        """Mean next-token cross-entropy (fp32). impl "full" materialises the logits;
+        "chunked" fuses head and loss `chunk` positions at a time (`gpt2_jax.chunked_loss`)."""
+        if impl == "full":
+            return cross_entropy(self(tokens_BT), targets_BT)
+        if impl != "chunked":
+            raise ConfigError(f"unknown train.loss_impl={impl!r}; use one of {LOSS_IMPLS}")
+        x_BTD = self.ln_f(self.hidden(tokens_BT))
+        w, layout = self.head()
+        return chunked_cross_entropy(
+            x_BTD.astype(w.dtype), w, targets_BT,
+            n_valid=self.cfg.vocab_size, chunk=chunk, layout=layout,
+        )  # fmt: skip
 
     def hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
         """The last block's output [B, T, D] (before the final LayerNorm and the LM head)."""

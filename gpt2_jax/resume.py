@@ -27,7 +27,8 @@ from gpt2_jax.optim import lr_schedule
 FREE = {
     "train": {
         "eval_every", "eval_steps", "log_every", "sample_every", "out_dir", "resume",
-        "overwrite", "peak_flops", "remat", "skip_nonfinite", "init_from",
+        "overwrite", "peak_flops", "remat", "skip_nonfinite", "init_from", "loss_impl",
+        "loss_chunk",
     },
     "data": {"prepared_dir", "num_threads"},
 }  # fmt: skip

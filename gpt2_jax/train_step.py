@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt2_jax import sharding
 from gpt2_jax.config import ModelConfig, TrainConfig
-from gpt2_jax.model import GPT, cross_entropy
+from gpt2_jax.model import GPT
 from gpt2_jax.optim import lr_schedule, make_optimizer
 
 
@@ -111,7 +111,7 @@ class Trainer:
         if self.model_cfg.dropout > 0:
             nnx.reseed(model, default=key)
         with sharding.activation_sharding(self.mesh, self.rules if rules is None else rules):
-            return cross_entropy(model(x_BT), y_BT)
+            return model.loss(x_BT, y_BT, impl=self.cfg.loss_impl, chunk=self.cfg.loss_chunk)
 
     def accumulate(self, params, step, x_BT, y_BT):
         """Mean loss and gradients over the grad_accum micro-batches of one global batch.
@@ -197,7 +197,8 @@ class Trainer:
 
     def _eval_loss(self, params, x_BT, y_BT):
         with sharding.activation_sharding(self.mesh, self.rules):
-            return cross_entropy(nnx.merge(self.eval_graphdef, params, self.rest)(x_BT), y_BT)
+            model = nnx.merge(self.eval_graphdef, params, self.rest)
+            return model.loss(x_BT, y_BT, impl=self.cfg.loss_impl, chunk=self.cfg.loss_chunk)
 
     # -- helpers --------------------------------------------------------------------------
 

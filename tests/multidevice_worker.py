@@ -6,6 +6,9 @@ python tests/multidevice_worker.py meshes MODEL WORK_DIR
 python tests/multidevice_worker.py train ROWS_JSON [train CLI args ...]
     `python -m gpt2_jax.train` that also writes the batch rows this process fed to ROWS_JSON
     (to check that each process loads only its slice).
+python tests/multidevice_worker.py loss-impls
+    both models trained with the chunked loss on 8-device meshes against the full loss on
+    one device: the largest loss and parameter differences per mesh, as JSON.
 python tests/multidevice_worker.py cli-errors JSON_LIST_OF_ARGV
     the training CLI's `main` once per argv; prints the exit codes and stderr as JSON.
 """
@@ -13,6 +16,7 @@ python tests/multidevice_worker.py cli-errors JSON_LIST_OF_ARGV
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import sys
@@ -225,6 +229,28 @@ def meshes(model_name: str, work: Path) -> dict:
     return report
 
 
+def loss_impls() -> dict:
+    """The chunked loss (chunk 5, not dividing seq_len 16) on FSDP and mixed meshes, vs the
+    full loss on one device, for both models (tied and untied heads, with grad_accum)."""
+    report = {}
+    for model_name, model_cfg in MODELS.items():
+        full_cfg = TRAIN[model_name]
+        chunked_cfg = dataclasses.replace(full_cfg, loss_impl="chunked", loss_chunk=5)
+        batches = _batches(full_cfg, STEPS)
+        one = Trainer(model_cfg, full_cfg, make_mesh(MeshConfig(), jax.devices()[:1]))
+        init = jax.device_get(one.init_state())
+        ref_state, ref_losses = _train(one, init, batches)
+        ref_params = _leaves(ref_state.params)
+        for mesh_name in ("fsdp8", "dp2_fsdp2_tp2"):
+            tr = Trainer(model_cfg, chunked_cfg, make_mesh(MESHES[mesh_name]))
+            state, losses = _train(tr, init, batches)
+            report[f"{model_name}/{mesh_name}"] = {
+                "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),
+                "max_param_diff": _max_diff(_leaves(state.params), ref_params)[0],
+            }
+    return report
+
+
 def cli_errors(cases: list[list[str]]) -> list[dict]:
     """`python -m gpt2_jax.train ARGS` for each case in this process: exit code and stderr."""
     from gpt2_jax import train
@@ -268,6 +294,9 @@ def main(argv: list[str]) -> int:
     mode, *rest = argv
     if mode == "meshes":
         print(json.dumps(meshes(rest[0], Path(rest[1]))))
+        return 0
+    if mode == "loss-impls":
+        print(json.dumps(loss_impls()))
         return 0
     if mode == "cli-errors":
         print(json.dumps(cli_errors(json.loads(rest[0]))))

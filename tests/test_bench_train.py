@@ -31,7 +31,9 @@ def test_bench_train_json_records(capsys):
      (["--steps", "0"], "--steps must be positive"),
      (["--n-layer", "x"], "--n-layer takes comma-separated integers"),
      (["--n-layer", "2,0"], "--n-layer takes positive integers"),
-     (["--profile", "pyproject.toml"], "is a file; pass a directory")],
+     (["--profile", "pyproject.toml"], "is a file; pass a directory"),
+     (["--loss-impl", "full,fused"], "unknown loss impl 'fused'"),
+     (["--loss-chunk", "0"], "--loss-chunk must be positive")],
 )  # fmt: skip
 def test_bench_train_bad_flags_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -53,7 +55,7 @@ def test_bench_train_depth_list_one_row_each_and_summary(capsys, monkeypatch, tm
     ]  # fmt: skip
     for shape in ("L1-d32-h2", "L2-d32-h2"):
         assert list((tmp_path / shape).rglob("*.xplane.pb")), shape
-    summary = bench._summary(records).splitlines()[1:]
+    summary = bench._summary([records[:2], records[2:]]).splitlines()[1:]
     assert [line.split()[:1] for line in summary] == [["L=1"], ["L=2"]]
     for line, rec in zip(summary, records[1::2], strict=True):
         assert "vs hf" in line and line.endswith(f"{rec['ours_over_this']:.2f}x")
@@ -62,6 +64,13 @@ def test_bench_train_depth_list_one_row_each_and_summary(capsys, monkeypatch, tm
     assert bench.main(["--shapes", "--steps", "1", "--rounds", "1", "--peers", "hf"]) == 0
     out = capsys.readouterr().out
     assert "GPT-2 L=3 H=2 d=32 B=2 T=16" in out and "ours / peer" not in out  # one shape
+    # Each loss impl is a contender of its own; the first is "ours" in the summary.
+    argv = ["--shapes", "--steps", "1", "--rounds", "1", "--peers", "", "--loss-impl",
+            "chunked,full", "--loss-chunk", "5"]  # fmt: skip
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "gpt2_jax:chunked" in out and "gpt2_jax:full" in out
+    assert out.splitlines()[-1].split()[-3:-1] == ["vs", "gpt2_jax:full"]
 
 
 def test_bench_pieces_times_every_piece_for_both(capsys):

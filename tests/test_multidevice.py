@@ -135,6 +135,8 @@ def children(tmp_path_factory, prepared_shakespeare):
         kids[model] = Child(
             model, [sys.executable, WORKER, "meshes", model, str(work)], _env(8), work
         )
+    cmd = [sys.executable, WORKER, "loss-impls"]
+    kids["loss_impls"] = Child("loss_impls", cmd, _env(8), work)
     # The same 3 steps on one process with 8 devices and on two processes with 4 each.
     run = [*cli, *MULTIHOST_OVERRIDES]
     kids["one_process"] = Child(
@@ -193,6 +195,17 @@ def test_every_mesh_trains_like_one_device(meshes, model):
         assert len(r["losses"]) == 5 and all(np.isfinite(r["losses"]))
         assert r["max_loss_diff"] <= TOL, name
         assert r["max_param_diff"] <= TOL, (name, r["worst_param"])
+
+
+def test_chunked_loss_on_meshes_trains_like_full_loss_on_one_device(children):
+    report = _json(children[1]["loss_impls"])
+    print("\nchunked loss on 8 devices vs full loss on 1, 5 steps (fp32):")
+    for name, r in report.items():
+        print(f"  {name:<28} max |Δloss| {r['max_loss_diff']:.2e}  "
+              f"max |Δparam| {r['max_param_diff']:.2e}")  # fmt: skip
+    assert sorted(report) == sorted(f"{m}/{k}" for m in MODELS for k in ("fsdp8", "dp2_fsdp2_tp2"))
+    for name, r in report.items():
+        assert r["max_loss_diff"] <= TOL and r["max_param_diff"] <= TOL, name
 
 
 # (mesh axes splitting each dimension, one device's shard shape) per parameter, from the rules:

@@ -2,12 +2,15 @@
 
     python -m gpt2_jax.bench train [--n-layer 4[,8,...]] [--n-head 4] [--n-embd 256]
         [--batch-size 8] [--seq-len 256] [--steps 10] [--rounds 3] [--peers hf,torch_ref]
-        [--shapes] [--attention-impl auto] [--profile DIR] [--json]
+        [--shapes] [--attention-impl auto] [--loss-impl full[,chunked]] [--loss-chunk 128]
+        [--profile DIR] [--json]
 
 `--n-layer` takes a comma list: one row per depth, so the per-layer cost shows as the
 difference between rows. `--shapes` runs the fixed set SHAPES instead (issue 16's table:
 d 256, 8 heads, B 8, T 256 at 1, 4 and 8 layers; then GPT-2 small's block shape, d 768 and
 12 heads, at 4 layers and B 4) and ends with one line per shape: ours / each peer.
+`--loss-impl` takes a comma list too: each impl is a contender of its own
+(`gpt2_jax:<impl>` when there are several), all in the same rounds; the first is "ours".
 
 Every contender trains the same GPT-2 shape (fp32, no dropout, AdamW with the same
 hyper-parameters, global-norm clipping 1.0) on the same random tokens. Time per step is the
@@ -53,7 +56,7 @@ def _timed(step: Callable[[], None], sync: Callable[[], None], n: int) -> float:
     return statistics.median(times)
 
 
-def _ours(args, tokens_BT: np.ndarray):
+def _ours(args, tokens_BT: np.ndarray, loss_impl: str):
     import jax
 
     from gpt2_jax.config import MeshConfig, ModelConfig, TrainConfig
@@ -64,7 +67,10 @@ def _ours(args, tokens_BT: np.ndarray):
         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
         max_seq_len=args.seq_len, attention_impl=args.attention_impl,
     )  # fmt: skip
-    train_cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=0)
+    train_cfg = TrainConfig(
+        batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=0,
+        loss_impl=loss_impl, loss_chunk=args.loss_chunk,
+    )  # fmt: skip
     trainer = Trainer(model_cfg, train_cfg, make_mesh(MeshConfig(), jax.devices()[:1]))
     holder = {"state": trainer.init_state()}
     x, y = trainer.shard_batch(tokens_BT[:, :-1], tokens_BT[:, 1:])
@@ -138,9 +144,11 @@ def run(args) -> list[dict]:
     n_no_pos = v * d + cfg.n_layer * (12 * d * d + 13 * d) + 2 * d  # tied head, biases, LNs
     flops_tok = flops_per_token(cfg, n_no_pos, t)
     tokens_BT = np.random.default_rng(0).integers(0, v, (args.batch_size, t + 1), np.int32)
-    names = ["gpt2_jax", *args.peers]
+    impls = args.loss_impl
+    ours = {("gpt2_jax" if len(impls) == 1 else f"gpt2_jax:{i}"): i for i in impls}
+    names = [*ours, *args.peers]
     print(f"building {', '.join(names)} (compiling / warming up)", file=sys.stderr)
-    runners = {"gpt2_jax": _ours(args, tokens_BT)}
+    runners = {name: _ours(args, tokens_BT, impl) for name, impl in ours.items()}
     runners |= {p: _torch(p, args, tokens_BT) for p in args.peers}
     step_s: dict[str, list[float]] = {n: [] for n in names}
     peaks = []
@@ -154,7 +162,7 @@ def run(args) -> list[dict]:
     if args.profile:  # after the timed rounds, so tracing never slows a timed step
         trace_dir = Path(args.profile) / f"L{args.n_layer}-d{args.n_embd}-h{args.n_head}"
         with jax.profiler.trace(str(trace_dir)):
-            _timed(*runners["gpt2_jax"], args.steps)
+            _timed(*runners[names[0]], args.steps)
         print(f"jax.profiler trace of {args.steps} steps in {trace_dir}/", file=sys.stderr)
     records = []
     for name in names:
@@ -166,6 +174,7 @@ def run(args) -> list[dict]:
             "tokens_per_sec": tok_s, "achieved_flops": tok_s * flops_tok,
             "matmul_peak_flops": peak, "frac_of_peak": tok_s * flops_tok / peak,
             "device": jax.devices()[0].device_kind, "threads": torch.get_num_threads(),
+            "loss_impl": ours.get(name),
         })  # fmt: skip
     ours = records[0]["tokens_per_sec"]
     for rec in records:
@@ -173,14 +182,14 @@ def run(args) -> list[dict]:
     return records
 
 
-def _summary(records: list[dict]) -> str:
-    """One line per shape: ours / each peer (tok/s), the figure issue 16 asks for."""
+def _summary(per_shape: list[list[dict]]) -> str:
+    """One line per shape and contender: ours (the first) / that one, in tok/s."""
     lines = ["ours / peer (tok/s), per shape:"]
-    for r in records:
-        if r["name"] != "gpt2_jax":
+    for records in per_shape:
+        for r in records[1:]:
             shape = (f"L={r['n_layer']} H={r['n_head']} d={r['n_embd']} B={r['batch_size']} "
                      f"T={r['seq_len']}")  # fmt: skip
-            lines.append(f"  {shape:<32} vs {r['name']:<9} {r['ours_over_this']:5.2f}x")
+            lines.append(f"  {shape:<32} vs {r['name']:<16} {r['ours_over_this']:5.2f}x")
     return "\n".join(lines)
 
 
@@ -190,11 +199,11 @@ def _table(records: list[dict]) -> str:
         f"GPT-2 L={r0['n_layer']} H={r0['n_head']} d={r0['n_embd']} B={r0['batch_size']} "
         f"T={r0['seq_len']}, fp32, AdamW; CPU matmul peak {r0['matmul_peak_flops'] / 1e9:.1f} "
         "GFLOP/s",
-        f"{'contender':<10} {'step ms':>9} {'tok/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'ours/x':>7}",
+        f"{'contender':<16} {'step ms':>9} {'tok/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'ours/x':>7}",
     ]
     for r in records:
         lines.append(
-            f"{r['name']:<10} {r['step_ms']:9.1f} {r['tokens_per_sec']:9.0f} "
+            f"{r['name']:<16} {r['step_ms']:9.1f} {r['tokens_per_sec']:9.0f} "
             f"{r['achieved_flops'] / 1e9:8.1f} {100 * r['frac_of_peak']:6.1f}% "
             f"{r['ours_over_this']:7.2f}"
         )
@@ -211,6 +220,19 @@ def _peers(text: str) -> list[str]:
     return peers
 
 
+def _loss_impls(text: str) -> list[str]:
+    from gpt2_jax.config import LOSS_IMPLS
+
+    impls = [i for i in text.split(",") if i]
+    bad = [i for i in impls if i not in LOSS_IMPLS]
+    if bad or not impls:
+        raise argparse.ArgumentTypeError(
+            f"unknown loss impl {(bad or [text])[0]!r}; use a comma list from "
+            f"{','.join(LOSS_IMPLS)}"
+        )
+    return list(dict.fromkeys(impls))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(prog="python -m gpt2_jax.bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -223,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="turns each contender takes")
     p.add_argument("--peers", type=_peers, default=list(PEERS), help="comma list: hf,torch_ref")
     p.add_argument("--attention-impl", default="auto", help="model.attention_impl for ours")
+    p.add_argument("--loss-impl", type=_loss_impls, default=["full"],
+                   help="comma list of train.loss_impl for ours: full,chunked")  # fmt: skip
+    p.add_argument("--loss-chunk", type=int, default=128, help="train.loss_chunk for chunked")
     p.add_argument("--shapes", action="store_true", help="run the fixed SHAPES (module doc) "
                    "instead of --n-layer/--n-head/--n-embd/--batch-size/--seq-len")  # fmt: skip
     p.add_argument("--profile", default=None, metavar="DIR", help="after timing, trace --steps "
@@ -235,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     depths = int_list(args.n_layer, "--n-layer")
-    for name in ("n_head", "n_embd", "batch_size", "seq_len", "steps", "rounds"):
+    for name in ("n_head", "n_embd", "batch_size", "seq_len", "steps", "rounds", "loss_chunk"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if args.n_embd % args.n_head:
@@ -245,15 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SHAPES if args.shapes else [
         {**{k: getattr(args, k) for k in SHAPE_KEYS}, "n_layer": n} for n in depths
     ]  # fmt: skip
-    records = []
+    per_shape = []
     for shape in shapes:
         shape_records = run(argparse.Namespace(**{**vars(args), **shape}))
-        records += shape_records
+        per_shape.append(shape_records)
         if args.json:
             for rec in shape_records:
                 print(json.dumps(rec), flush=True)
         else:
             print(_table(shape_records), flush=True)
-    if not args.json and args.peers and len(shapes) > 1:
-        print(_summary(records))
+    if not args.json and len(per_shape[0]) > 1 and len(shapes) + len(args.loss_impl) > 2:
+        print(_summary(per_shape))
     return 0
