@@ -251,8 +251,8 @@ def config_diff(saved: dict, current: dict) -> list[str]:
     return [k for k in keys if saved.get(k) != current.get(k)]
 
 
-# Fields that change how the model computes, not what its weights are.
-COMPUTE_ONLY = ("dtype", "attention_impl", "dropout")
+# Fields that change how the model computes or lays its weights out, not what they are.
+COMPUTE_ONLY = ("dtype", "attention_impl", "dropout", "scan_layers")
 
 
 def check_same_architecture(saved: dict, current: ModelConfig) -> None:

@@ -47,6 +47,7 @@ class ModelConfig:
     dtype: str = "auto"  # compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
     param_dtype: str = "float32"
     attention_impl: str = "auto"  # "auto" | "xla" | "chunked" | "blocked" | "cudnn"
+    scan_layers: bool = False  # blocks stacked on a layer axis and run by one scan
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -162,6 +163,7 @@ class TrainConfig:
     peak_flops: float | None = None  # per device; None = table or CPU probe
     loss_impl: str = "full"  # "full" | "chunked" (fused LM head + loss, no [tokens, V] logits)
     loss_chunk: int = 128  # sequence positions per chunk of the chunked loss
+    profile_steps: list[int] | None = None  # [START, STOP]: jax.profiler trace → out_dir/profile
 
     def __post_init__(self) -> None:
         if self.loss_impl not in LOSS_IMPLS:
@@ -248,7 +250,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    name = getattr(tp, "__name__", str(tp))
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, key) for v in value]
+    name = str(tp) if origin is list else getattr(tp, "__name__", str(tp))
     raise ConfigError(f"{key} expects {name}, got {value!r} ({type(value).__name__})")
 
 

@@ -13,7 +13,7 @@ a one-line notice:
   at init; with RoPE any length (no weights);
 - `pos_embedding` learned → rope: the position table is dropped (a warning: the model must
   relearn positions);
-- `dtype`, `attention_impl`, `dropout` change no weights;
+- `dtype`, `attention_impl`, `dropout`, `scan_layers` change no weights;
 - `vocab_pad_multiple` (either way): the same weights over the vocab_size ids; padded rows are
   dropped, or added as zeros (never looked up, their logits -inf).
 
@@ -34,7 +34,7 @@ from gpt2_jax.errors import UserError, notice
 from gpt2_jax.model import GPT
 from gpt2_jax.weights import load_hf_state_dict, to_hf_state_dict
 
-NO_WEIGHTS = ("dtype", "attention_impl", "dropout", "attention_window")
+NO_WEIGHTS = ("dtype", "attention_impl", "dropout", "attention_window", "scan_layers")
 
 
 def source_config(path: str | Path) -> ModelConfig:
@@ -89,8 +89,8 @@ def plan(source: ModelConfig, target: ModelConfig) -> list[str]:
             raise ConfigError(
                 f"train.init_from cannot map model.{key}: {old!r} → {new!r} (only n_kv_head "
                 "down, attention_window, max_seq_len up, learned → rope, vocab_pad_multiple, "
-                f"dtype, attention_impl and dropout can change); remove model.{key} from the "
-                "config and command line"
+                "dtype, attention_impl, dropout and scan_layers can change); remove "
+                f"model.{key} from the config and command line"
             )
     return notes
 

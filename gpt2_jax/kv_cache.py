@@ -124,7 +124,7 @@ def prefill(
         return jnp.where(filled_1S11, a_BSKH, 0)
 
     ks, vs = [], []
-    for block in model.h:
+    for block in model.blocks():
         q_BPNH, k_BPKH, v_BPKH = block.attn.qkv(block.ln_1(x_BPD), rope_cs)
         y_BPNH = dot_product_attention(
             q_BPNH, k_BPKH, v_BPKH, window=cfg.attention_window, impl=cfg.attention_impl
@@ -166,7 +166,7 @@ def forward_cached(
     mask_BTS = visible_mask(positions_BT, pos_BS, cfg.attention_window)
     x_BTD, rope_cs = _embed(model, tokens_BT, positions_BT)
     ks, vs = [], []
-    for block, k_BSKH, v_BSKH in zip(model.h, cache.k, cache.v, strict=True):
+    for block, k_BSKH, v_BSKH in zip(model.blocks(), cache.k, cache.v, strict=True):
         q_BTNH, k_BTKH, v_BTKH = block.attn.qkv(block.ln_1(x_BTD), rope_cs)
         k_BSKH = k_BSKH.at[rows_B1, slots_BT].set(k_BTKH.astype(k_BSKH.dtype))
         v_BSKH = v_BSKH.at[rows_B1, slots_BT].set(v_BTKH.astype(v_BSKH.dtype))

@@ -6,6 +6,7 @@ H head dim, F MLP width, V vocab (the padded width, `ModelConfig.padded_vocab`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gpt2_jax import layer_stack
 from gpt2_jax.attention import dot_product_attention
 from gpt2_jax.chunked_loss import chunked_cross_entropy
 from gpt2_jax.config import LOSS_IMPLS, ConfigError, ModelConfig
@@ -207,7 +209,10 @@ class GPT(nnx.Module):
                 embedding_init=_init(0.02, (None, "embed")), rngs=rngs,
             )  # fmt: skip
         self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
-        self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        if cfg.scan_layers:
+            self.h = layer_stack.stacked(lambda r: Block(cfg, rngs=r), cfg.n_layer, rngs)
+        else:
+            self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
         self.ln_f = _layer_norm(cfg, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = _dense(
@@ -284,12 +289,37 @@ class GPT(nnx.Module):
         x_BTD, rope_cs = self.embed(tokens_BT, positions_BT)
         x_BTD = constrain(x_BTD, *RESIDUAL)
         run_block = _remat_block(self.remat)
+        if self.cfg.scan_layers:
+            return layer_stack.scan(self.h, x_BTD, lambda b, x_BTD: run_block(b, x_BTD, rope_cs))
         for block in self.h:
             x_BTD = run_block(block, x_BTD, rope_cs)
         return x_BTD
 
+    def blocks(self) -> list[Block]:
+        """The blocks in order, in either layout (scanned: views of the stacked arrays)."""
+        if self.cfg.scan_layers:
+            return layer_stack.layers(self.h, self.cfg.n_layer)
+        return list(self.h)
+
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
         return constrain(self.logits(self.hidden(tokens_BT, positions_BT)), "batch", None, "vocab")
+
+
+def with_layout(model: GPT, scan_layers: bool) -> GPT:
+    """`model` with its blocks unrolled (False) or stacked and scanned (True): the same weights
+    (copied), a fresh RNG state; `model` itself is returned when it has that layout already."""
+    if model.cfg.scan_layers == scan_layers:
+        return model
+    cfg = dataclasses.replace(model.cfg, scan_layers=scan_layers)
+
+    def build() -> GPT:
+        return GPT(cfg, rngs=nnx.Rngs(0), remat=model.remat)
+
+    graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+    # Under jit the parameter initialisers are dead code: only the RNG state is computed.
+    rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
+    params = layer_stack.relayout(nnx.state(model, nnx.Param), abstract_params)
+    return nnx.merge(graphdef, params, rest)
 
 
 def check_tokens(tokens_BT, cfg: ModelConfig) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import jax
 import optax
+from flax import nnx
 
 from gpt2_jax.config import TrainConfig
+from gpt2_jax.layer_stack import LAYERS
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -21,8 +23,16 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """Weight decay on matrices and embeddings (ndim ≥ 2), not on biases and LayerNorm."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on matrices and embeddings, not on biases and LayerNorm: on parameters of
+    rank ≥ 2 per layer (the stacked layer axis of scanned layers does not count)."""
+
+    def matrix(v):
+        if not isinstance(v, nnx.Variable):
+            return v.ndim >= 2
+        axes = v.get_metadata().get("logical_axes", (None,) * v.ndim)
+        return v.replace(sum(a != LAYERS for a in axes) >= 2)
+
+    return jax.tree.map(matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:

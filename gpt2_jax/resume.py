@@ -28,7 +28,7 @@ FREE = {
     "train": {
         "eval_every", "eval_steps", "log_every", "sample_every", "out_dir", "resume",
         "overwrite", "peak_flops", "remat", "skip_nonfinite", "init_from", "loss_impl",
-        "loss_chunk",
+        "loss_chunk", "profile_steps",
     },
     "data": {"prepared_dir", "num_threads"},
 }  # fmt: skip

@@ -28,6 +28,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",
     "mlp": "tensor",
     "norm": None,
+    "layers": None,  # the stacked layer axis of model.scan_layers
 }
 
 

@@ -10,40 +10,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import math
 import os
-import signal
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
-import yaml
-from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from gpt2_jax import distributed, sharding
-from gpt2_jax.checkpoint import Checkpointer, warn
-from gpt2_jax.config import Config, ConfigError, dump_yaml, load_config, to_dict
-from gpt2_jax.errors import ArgParser, UserError, cli_main, notice
+from gpt2_jax.checkpoint import Checkpointer
+from gpt2_jax.config import Config, ConfigError, dump_yaml, load_config
+from gpt2_jax.errors import ArgParser, cli_main, notice
+from gpt2_jax.layer_stack import relayout
 from gpt2_jax.metrics import (
-    MetricsWriter,
-    Wandb,
     flops_per_token,
     peak_flops_per_device,
-    plot_loss_curve,
     write_atomic,
 )
 from gpt2_jax.model import count_params
-from gpt2_jax.resume import check_resume_config, gather_data_states, own_data_state
+from gpt2_jax.resume import check_resume_config, own_data_state
 from gpt2_jax.run_dir import open_run, prepare_out_dir
+from gpt2_jax.train_loop import RunInfo, TrainLoop
 from gpt2_jax.train_step import Trainer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-SAMPLE_PROMPT = "\n"
-EVAL_SEED_OFFSET = 1_000_003  # val batches never share the training seed
 
 
 def resolve_config_path(name: str) -> Path:
@@ -77,6 +67,13 @@ def validate(cfg: Config) -> None:
             f"data.val_fraction=0 leaves no validation data, but train.eval_every="
             f"{t.eval_every}; set train.eval_every=0 or a data.val_fraction > 0"
         )
+    if t.profile_steps is not None:
+        first, last = (t.profile_steps + [0, 0])[:2]
+        if len(t.profile_steps) != 2 or not 1 <= first <= last <= t.max_steps:
+            raise ConfigError(
+                f"train.profile_steps={t.profile_steps} must be [START, STOP] with 1 <= START <= "
+                f"STOP <= train.max_steps={t.max_steps}, e.g. train.profile_steps=[10,12]"
+            )
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
     if t.init_from:
@@ -85,32 +82,6 @@ def validate(cfg: Config) -> None:
         plan(source_config(t.init_from), m)  # a change that cannot map fails here, not later
     if cfg.wandb.mode not in ("disabled", "offline", "online"):
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}; use disabled, offline or online")
-
-
-class StopRequest:
-    """SIGTERM / first SIGINT: finish the step, save, exit 0. Second SIGINT: abort now."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = ""
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-        when = "this step" if jax.process_count() == 1 else "the next logging step (cluster)"
-        print(f"\n{self.signal_name}: stopping after {when}, then saving…", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 def make_loaders(cfg: Config, prepared_dir: Path):
@@ -128,46 +99,6 @@ def make_loaders(cfg: Config, prepared_dir: Path):
     )
     val = data.TokenDataset(prepared_dir / "val.bin")
     return train_loader, val
-
-
-def evaluate(trainer: Trainer, params, val, cfg: Config, batch_size: int) -> float:
-    from gpt2_jax.data import get_batch
-
-    losses = []
-    for i in range(cfg.train.eval_steps):
-        x, y = get_batch(
-            val,
-            seed=cfg.train.seed + EVAL_SEED_OFFSET,
-            step=i,
-            batch_size=batch_size,
-            seq_len=cfg.train.seq_len,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        losses.append(trainer.eval_loss(params, *trainer.shard_batch(x, y)))
-    return float(np.mean(jax.device_get(losses)))
-
-
-def sample_text(trainer: Trainer, params, cfg: Config, max_new_tokens: int = 64) -> str:
-    """A sample from `params`: device arrays are decoded in place, host arrays uploaded once."""
-    from gpt2_jax.generate import generate
-    from gpt2_jax.tokenizer import VOCAB_SIZE, decode, encode
-
-    model = trainer.model(params)
-    if cfg.model.vocab_size > VOCAB_SIZE:
-        # A vocabulary padded by hand (model.vocab_size=50304): the ids past the tokenizer's
-        # are padding for sampling, so GPT.logits masks them and decode never sees one.
-        model.cfg = dataclasses.replace(
-            model.cfg, vocab_size=VOCAB_SIZE, vocab_pad_multiple=model.cfg.padded_vocab
-        )
-    prompt = encode(SAMPLE_PROMPT)
-    if cfg.model.pos_embedding == "learned":
-        max_new_tokens = min(max_new_tokens, cfg.model.max_seq_len - len(prompt))
-    tokens = generate(
-        model, prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_k=200,
-        seed=cfg.train.seed,
-    )  # fmt: skip
-    return SAMPLE_PROMPT + decode(tokens[0].tolist())
 
 
 def check_vocab(cfg: Config, meta: dict, prepared_dir: Path) -> None:
@@ -208,13 +139,31 @@ def train(
         return _run(cfg, out, ckpt, inject_nan_step, preempt_at_step)
 
 
+def _saved_layout_target(trainer: Trainer, ckpt: Checkpointer, cfg: Config):
+    """The restore target in the layer layout of the newest checkpoint (scanned or unrolled),
+    laid out on this run's mesh; this run's own target when the layouts agree."""
+    newest = ckpt.newest_meta()
+    saved_scan = bool(newest and newest[0]["model"].get("scan_layers", False))
+    if saved_scan == cfg.model.scan_layers:
+        return jax.eval_shape(trainer.init_state)
+    model_cfg = dataclasses.replace(cfg.model, scan_layers=saved_scan)
+    return jax.eval_shape(Trainer(model_cfg, cfg.train, trainer.mesh).init_state)
+
+
 def restore_or_init(trainer: Trainer, ckpt: Checkpointer, loader, cfg: Config):
-    """(state, step): the newest good checkpoint (and the loader's position), else step 0."""
+    """(state, step): the newest good checkpoint (and the loader's position), else step 0.
+    A checkpoint of the other layer layout is restored in its own, then relaid out."""
     if ckpt.steps():
-        target = jax.eval_shape(trainer.init_state)
+        target = _saved_layout_target(trainer, ckpt, cfg)
         check = functools.partial(check_resume_config, cfg=cfg, notify=False)
         if (restored := ckpt.restore_latest(target, check)) is not None:
             state, saved_meta, start = restored
+            if saved_meta["model"].get("scan_layers", False) != cfg.model.scan_layers:
+                own = jax.eval_shape(trainer.init_state)
+                to_own = jax.jit(lambda s: relayout(s, own), out_shardings=trainer.state_shardings)
+                state = to_own(state)
+                notice(f"checkpoint step {start} holds the other layer layout; converted to "
+                       f"model.scan_layers={cfg.model.scan_layers}")  # fmt: skip
             if (data_state := own_data_state(saved_meta)) is not None:
                 loader.load_state_dict(data_state)
             print(f"resuming from {ckpt.directory / str(start)} (step {start})", file=sys.stderr)
@@ -264,156 +213,18 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
             file=sys.stderr,
         )
 
-    writer = MetricsWriter(out / "metrics.jsonl", enabled=is_main, resume_step=start)
-    wandb_run = Wandb(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name, out, to_dict(cfg))
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    eval_bs = max(n_shards, (t.batch_size // t.grad_accum) // n_shards * n_shards)
-
-    def save() -> None:
-        meta = {
-            "model": to_dict(cfg.model),
-            "train": to_dict(t),
-            "data": to_dict(cfg.data),
-            "data_states": gather_data_states(loader.state_dict()),
-        }
-        ckpt.save(state, meta)
-
-    def stop_agreed(step: int) -> bool:
-        """Stop after `step`? Alone: as soon as signalled. In a cluster every process must save
-        the same step, so they agree at logging steps: any one signalled stops them all."""
-        if jax.process_count() == 1:
-            return stop.requested
-        if step % (t.log_every or 1):
-            return False
-        flags = multihost_utils.process_allgather(np.asarray([stop.requested], np.int32))
-        if flags.any() and not stop.requested:
-            stop.requested, stop.signal_name = True, "stop requested by another process"
-        return bool(flags.any())
-
-    last_val = None
-    pending = None  # (step, metrics) of the step before: checked one behind, keeps the queue full
-    # Step time = wall time from the end of step `synced` to the end of the logged step (its
-    # metrics are fetched, so it has finished), minus eval / sample / checkpoint time, over
-    # the steps in between.
-    interval_start, synced, data_time, paused = time.perf_counter(), start, 0.0, 0.0
-    steady_tok_s: list[float] = []  # every interval but the first (which includes compilation)
-    bar = tqdm(total=t.max_steps, initial=start, disable=not is_main, dynamic_ncols=True,
-               desc="train", file=sys.stderr)  # fmt: skip
-    step = start
-
-    def check(prev) -> None:
-        nonlocal interval_start, synced, data_time, paused
-        prev_step, metrics = prev
-        m = jax.device_get(metrics)  # waits for step prev_step to finish
-        now = time.perf_counter()
-        if not m["finite"]:
-            if not t.skip_nonfinite:
-                good = ckpt.steps()
-                raise UserError(
-                    f"non-finite loss or gradient at step {prev_step} (the update was not "
-                    f"applied); last good checkpoint: "
-                    f"{ckpt.directory / str(good[-1]) if good else 'none'}; lower train.lr or "
-                    "set train.skip_nonfinite=true"
-                )
-            warn(f"step {prev_step}: non-finite loss or gradient, update skipped")
-        if t.log_every and (prev_step % t.log_every == 0 or prev_step == t.max_steps):
-            elapsed = now - interval_start - paused
-            step_time = elapsed / (prev_step - synced)
-            tok_s = tokens_per_step / step_time
-            record = {
-                "step": prev_step,
-                "loss": float(m["loss"]),
-                "lr": float(m["lr"]),
-                "grad_norm": float(m["grad_norm"]),
-                "tokens_per_sec": tok_s,
-                "mfu": flops_per_step / step_time / peak_total,
-                "step_time": step_time,
-                "data_time": data_time / (prev_step - synced),
-                "skipped": int(m["skipped"]),
-            }
-            writer.write(record)
-            wandb_run.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
-                            mfu=f"{record['mfu']:.1%}")  # fmt: skip
-            if interval_start > run_start:
-                steady_tok_s.append(tok_s)
-            interval_start, synced, data_time, paused = now, prev_step, 0.0, 0.0
-
-    run_start = interval_start
-    with StopRequest() as stop:
-        while step < t.max_steps:
-            t0 = time.perf_counter()
-            x, y = loader.batch(step)
-            data_time += time.perf_counter() - t0
-            state, metrics = trainer.step(state, *trainer.shard_batch(x, y))
-            step += 1
-            if pending is not None:
-                check(pending)
-            pending = (step, metrics)
-            bar.update(1)
-            at_end = step == t.max_steps
-            t_pause = time.perf_counter()
-            if t.eval_every and (step % t.eval_every == 0 or at_end):
-                check(pending)
-                pending = None
-                t_pause = time.perf_counter()
-                last_val = evaluate(trainer, state.params, val, cfg, eval_bs)
-                record = {"step": step, "val_loss": last_val, "val_ppl": math.exp(last_val)}
-                writer.write(record)
-                wandb_run.log(record)
-                bar.write(
-                    f"step {step}: val loss {last_val:.4f}, ppl {math.exp(last_val):.2f}",
-                    file=sys.stderr,
-                )
-            if t.sample_every and step % t.sample_every == 0:
-                params = state.params
-                if not all(a.is_fully_addressable for a in jax.tree.leaves(params)):
-                    # FSDP params span hosts: every process joins the gather, process 0 samples.
-                    params = multihost_utils.process_allgather(params, tiled=True)
-                if is_main:
-                    text = sample_text(trainer, params, cfg)
-                    bar.write(f"--- sample at step {step} ---\n{text}", file=sys.stderr)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                if pending is not None:
-                    check(pending)  # never checkpoint a run that just went non-finite
-                    pending = None
-                save()
-            paused += time.perf_counter() - max(t_pause, interval_start)
-            if step == preempt_at_step:
-                stop.requested, stop.signal_name = True, "preempted"
-            if stop_agreed(step) and not at_end:
-                if pending is not None:
-                    check(pending)
-                save()
-                ckpt.wait()  # raises unless the checkpoint committed
-                bar.close()
-                print(f"{stop.signal_name}: saved step {step} to {ckpt.directory / str(step)}; "
-                      "run the same command to resume", file=sys.stderr)  # fmt: skip
-                return {"stopped_at": step, "checkpoint": str(ckpt.directory / str(step))}
-        if pending is not None:
-            check(pending)
-        save()
-        ckpt.wait()
-    bar.close()
-
-    png = plot_loss_curve(out / "metrics.jsonl", out / "loss.png", out.name) if is_main else None
-    wandb_run.finish()
-    summary = {
-        "steps": step,
-        "params": n_params,
-        "val_loss": last_val,
-        "val_ppl": math.exp(last_val) if last_val is not None else None,
-        "unigram_baseline_loss": unigram_baseline(prepared_dir),
-        "loss_png": str(png) if png else None,
-        "checkpoint": str(ckpt.directory / str(step)),
-        "skipped_nonfinite": int(jax.device_get(state.skipped)),
-        "tokens_per_sec": statistics.median(steady_tok_s) if steady_tok_s else None,
-        "train_time_s": round(time.perf_counter() - run_start, 1),
-    }
-    if is_main:
-        print("summary: " + yaml.safe_dump(summary, sort_keys=False, width=200).strip()
-              .replace("\n", " | "), file=sys.stderr)  # fmt: skip
-    return summary
+    info = RunInfo(
+        out=out,
+        prepared_dir=prepared_dir,
+        n_params=n_params,
+        flops_per_step=flops_per_step,
+        peak_flops_total=peak_total,
+        eval_batch_size=max(n_shards, (t.batch_size // t.grad_accum) // n_shards * n_shards),
+    )
+    loop = TrainLoop(cfg, info, trainer, ckpt, loader, val, state, start,
+                     preempt_at_step=preempt_at_step)  # fmt: skip
+    return loop.run()
 
 
 def build_parser() -> argparse.ArgumentParser:

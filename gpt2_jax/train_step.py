@@ -109,7 +109,7 @@ class Trainer:
         # A fresh copy of the RNG state, so reseeding mutates Variables of this trace.
         model = nnx.merge(self.graphdef, params, jax.tree.map(lambda a: a, self.rest))
         if self.model_cfg.dropout > 0:
-            nnx.reseed(model, default=key)
+            nnx.reseed(model, default=key, policy="match_shape")  # stacked layers: a key each
         with sharding.activation_sharding(self.mesh, self.rules if rules is None else rules):
             return model.loss(x_BT, y_BT, impl=self.cfg.loss_impl, chunk=self.cfg.loss_chunk)
 

@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import GPT
+from gpt2_jax.layer_stack import relayout
+from gpt2_jax.model import GPT, with_layout
 
 # Buffers some transformers versions keep in GPT-2 state dicts; they are not weights.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -67,7 +68,8 @@ def _param_table(model: GPT) -> dict[str, tuple[nnx.Param, bool]]:
 
 def to_hf_state_dict(model: GPT) -> dict[str, np.ndarray]:
     """The model's parameters as a flat HF-named dict of fp32-or-param-dtype numpy arrays,
-    vocab padding trimmed."""
+    vocab padding trimmed (either layer layout)."""
+    model = with_layout(model, False)
     out = {}
     for name, (param, transpose) in _param_table(model).items():
         arr = np.asarray(param[...])
@@ -82,7 +84,14 @@ def load_hf_state_dict(model: GPT, state: Mapping[str, object], *, strict: bool 
     Refuses missing keys, unexpected keys (when `strict`) and shape mismatches with one line.
     A tied `lm_head.weight` equal to the embedding (as HF stores it) is accepted and ignored.
     Vocab tensors have vocab_size rows; a padded model's extra rows are set to zeros.
+    A scanned model is filled through an unrolled twin, then restacked.
     """
+    if model.cfg.scan_layers:
+        twin = with_layout(model, False)
+        load_hf_state_dict(twin, state, strict=strict)
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, relayout(nnx.state(twin, nnx.Param), params))
+        return
     table = _param_table(model)
     state = {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES)}
     if model.cfg.tie_embeddings:

@@ -6,9 +6,9 @@ python tests/multidevice_worker.py meshes MODEL WORK_DIR
 python tests/multidevice_worker.py train ROWS_JSON [train CLI args ...]
     `python -m gpt2_jax.train` that also writes the batch rows this process fed to ROWS_JSON
     (to check that each process loads only its slice).
-python tests/multidevice_worker.py loss-impls
-    both models trained with the chunked loss on 8-device meshes against the full loss on
-    one device: the largest loss and parameter differences per mesh, as JSON.
+python tests/multidevice_worker.py variants
+    both models trained with the chunked loss, and with scanned layers, on 8-device meshes
+    against the plain one-device run: the largest loss and parameter differences, as JSON.
 python tests/multidevice_worker.py cli-errors JSON_LIST_OF_ARGV
     the training CLI's `main` once per argv; prints the exit codes and stderr as JSON.
 """
@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from gpt2_jax.checkpoint import Checkpointer  # noqa: E402
 from gpt2_jax.config import MeshConfig, ModelConfig, TrainConfig  # noqa: E402
+from gpt2_jax.layer_stack import relayout  # noqa: E402
 from gpt2_jax.sharding import make_mesh  # noqa: E402
 from gpt2_jax.train_step import Trainer  # noqa: E402
 
@@ -229,24 +230,35 @@ def meshes(model_name: str, work: Path) -> dict:
     return report
 
 
-def loss_impls() -> dict:
-    """The chunked loss (chunk 5, not dividing seq_len 16) on FSDP and mixed meshes, vs the
-    full loss on one device, for both models (tied and untied heads, with grad_accum)."""
+def variants() -> dict:
+    """Against the plain run on one device, for both models (tied and untied heads, with and
+    without grad_accum): the chunked loss (chunk 5, not dividing seq_len 16) on FSDP and mixed
+    meshes, and scanned layers (the same initial weights, restacked) on FSDP 8."""
     report = {}
     for model_name, model_cfg in MODELS.items():
         full_cfg = TRAIN[model_name]
         chunked_cfg = dataclasses.replace(full_cfg, loss_impl="chunked", loss_chunk=5)
-        batches = _batches(full_cfg, STEPS)
-        one = Trainer(model_cfg, full_cfg, make_mesh(MeshConfig(), jax.devices()[:1]))
-        init = jax.device_get(one.init_state())
-        ref_state, ref_losses = _train(one, init, batches)
-        ref_params = _leaves(ref_state.params)
-        for mesh_name in ("fsdp8", "dp2_fsdp2_tp2"):
-            tr = Trainer(model_cfg, chunked_cfg, make_mesh(MESHES[mesh_name]))
-            state, losses = _train(tr, init, batches)
-            report[f"{model_name}/{mesh_name}"] = {
+        # (no dropout: the stacked layers draw their masks from other keys)
+        scanned_cfg = dataclasses.replace(model_cfg, n_layer=2, scan_layers=True, dropout=0.0)
+        runs = {  # name → (model config, train config, mesh)
+            "chunked/fsdp8": (model_cfg, chunked_cfg, "fsdp8"),
+            "chunked/dp2_fsdp2_tp2": (model_cfg, chunked_cfg, "dp2_fsdp2_tp2"),
+            "scanned/fsdp8": (scanned_cfg, full_cfg, "fsdp8"),
+        }
+        batches, refs = _batches(full_cfg, STEPS), {}
+        for name, (m_cfg, t_cfg, mesh_name) in runs.items():
+            plain = dataclasses.replace(m_cfg, scan_layers=False)
+            if plain not in refs:  # the plain one-device run, once per model config
+                one = Trainer(plain, full_cfg, make_mesh(MeshConfig(), jax.devices()[:1]))
+                init = jax.device_get(one.init_state())
+                refs[plain] = (init, *_train(one, init, batches))
+            init, ref_state, ref_losses = refs[plain]
+            tr = Trainer(m_cfg, t_cfg, make_mesh(MESHES[mesh_name]))
+            state, losses = _train(tr, relayout(init, jax.eval_shape(tr.init_state)), batches)
+            params = relayout(state.params, ref_state.params)
+            report[f"{model_name}/{name}"] = {
                 "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),
-                "max_param_diff": _max_diff(_leaves(state.params), ref_params)[0],
+                "max_param_diff": _max_diff(_leaves(params), _leaves(ref_state.params))[0],
             }
     return report
 
@@ -295,8 +307,8 @@ def main(argv: list[str]) -> int:
     if mode == "meshes":
         print(json.dumps(meshes(rest[0], Path(rest[1]))))
         return 0
-    if mode == "loss-impls":
-        print(json.dumps(loss_impls()))
+    if mode == "variants":
+        print(json.dumps(variants()))
         return 0
     if mode == "cli-errors":
         print(json.dumps(cli_errors(json.loads(rest[0]))))

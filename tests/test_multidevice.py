@@ -31,7 +31,7 @@ from flax import nnx
 
 from gpt2_jax.checkpoint import load_model_weights
 from gpt2_jax.data import TokenDataset, get_batch
-from gpt2_jax.train import EVAL_SEED_OFFSET
+from gpt2_jax.train_loop import EVAL_SEED_OFFSET
 from tests.multidevice_worker import MESHES, MODELS, MULTIHOST_OVERRIDES
 from tests.train_helpers import TINY_OVERRIDES, tiny_config, train_losses
 
@@ -135,8 +135,8 @@ def children(tmp_path_factory, prepared_shakespeare):
         kids[model] = Child(
             model, [sys.executable, WORKER, "meshes", model, str(work)], _env(8), work
         )
-    cmd = [sys.executable, WORKER, "loss-impls"]
-    kids["loss_impls"] = Child("loss_impls", cmd, _env(8), work)
+    cmd = [sys.executable, WORKER, "variants"]
+    kids["variants"] = Child("variants", cmd, _env(8), work)
     # The same 3 steps on one process with 8 devices and on two processes with 4 each.
     run = [*cli, *MULTIHOST_OVERRIDES]
     kids["one_process"] = Child(
@@ -197,13 +197,14 @@ def test_every_mesh_trains_like_one_device(meshes, model):
         assert r["max_param_diff"] <= TOL, (name, r["worst_param"])
 
 
-def test_chunked_loss_on_meshes_trains_like_full_loss_on_one_device(children):
-    report = _json(children[1]["loss_impls"])
-    print("\nchunked loss on 8 devices vs full loss on 1, 5 steps (fp32):")
+def test_chunked_loss_and_scanned_layers_on_meshes_train_like_one_device(children):
+    report = _json(children[1]["variants"])
+    print("\nchunked loss / scanned layers on 8 devices vs the plain run on 1, 5 steps (fp32):")
     for name, r in report.items():
-        print(f"  {name:<28} max |Δloss| {r['max_loss_diff']:.2e}  "
+        print(f"  {name:<40} max |Δloss| {r['max_loss_diff']:.2e}  "
               f"max |Δparam| {r['max_param_diff']:.2e}")  # fmt: skip
-    assert sorted(report) == sorted(f"{m}/{k}" for m in MODELS for k in ("fsdp8", "dp2_fsdp2_tp2"))
+    runs = ("chunked/fsdp8", "chunked/dp2_fsdp2_tp2", "scanned/fsdp8")
+    assert sorted(report) == sorted(f"{m}/{r}" for m in MODELS for r in runs)
     for name, r in report.items():
         assert r["max_loss_diff"] <= TOL and r["max_param_diff"] <= TOL, name
 

@@ -153,6 +153,11 @@ def test_overrides_parse_yaml_scalars():
         (["train.seq_len=2048"], "exceeds model.max_seq_len"),
         (["train.out_dir=/etc/hostname/sub"], "is not writable"),
         (["model.n_head=5"], "not divisible by model.n_head"),
+        (["train.profile_steps=[3,2]"], "train.profile_steps=[3, 2] must be [START, STOP]"),
+        (["train.profile_steps=[1]"], "must be [START, STOP] with 1 <= START <= STOP"),
+        (["train.profile_steps=[1,2000]"], "STOP <= train.max_steps=400"),
+        (["train.profile_steps=x"], "train.profile_steps expects list[int]"),
+        (["train.loss_impl=fused"], "unknown train.loss_impl='fused'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys, monkeypatch):
@@ -193,3 +198,14 @@ def test_wandb_offline_writes_its_files(tmp_path, prepared_shakespeare, monkeypa
 def test_config_error_type():
     with pytest.raises(ConfigError):
         load_config(None, ["train.max_steps=1.5"])
+
+
+def test_profile_steps_write_a_trace_of_those_steps(tmp_path, prepared_shakespeare, capsys):
+    out = tmp_path / "run"
+    cfg = tiny_config(out, prepared_shakespeare, "train.max_steps=4", "train.eval_every=0",
+                      "train.profile_steps=[2,3]")  # fmt: skip
+    assert train(cfg)["steps"] == 4
+    traces = list((out / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert f"profile of steps 2–3 in {out / 'profile'}/" in capsys.readouterr().err
+    assert sorted(train_losses(out)) == [1, 2, 3, 4]  # the run itself is unchanged

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from gpt2_jax import convert, tokenizer
+from gpt2_jax import convert, tokenizer, train_loop
 from gpt2_jax import train as train_cli
 from gpt2_jax.checkpoint import Checkpointer
 from gpt2_jax.config import Config, ConfigError, ModelConfig, config_from_dict, to_dict
@@ -303,5 +303,6 @@ def test_training_samples_never_decode_ids_past_the_tokenizer():
     wte.set_value(wte[...].at[tokenizer.VOCAB_SIZE :].set(10.0))
     bias = params["ln_f"]["bias"]  # a mean-free LayerNorm output would hide constant rows
     bias.set_value(bias[...] + 1.0)
-    text = train_cli.sample_text(trainer, params, cfg, max_new_tokens=8)
-    assert text.startswith(train_cli.SAMPLE_PROMPT) and len(text) > len(train_cli.SAMPLE_PROMPT)
+    text = train_loop.sample_text(trainer, params, cfg, max_new_tokens=8)
+    prompt = train_loop.SAMPLE_PROMPT
+    assert text.startswith(prompt) and len(text) > len(prompt)

@@ -1,0 +1,192 @@
+"""Compile time and compiled memory of the train step at every GPT-2 size, without allocating.
+
+    python -m gpt2_jax.bench scale [--configs gpt2-124m,gpt2-350m,gpt2-774m,gpt2-1.5b]
+        [--layouts unrolled,scanned] [--loss-impls full,chunked] [--batch-size 16]
+        [--seq-len 1024] [--mesh data=1,fsdp=1,tensor=1] [--remat config] [--dtype float32]
+        [--out FILE] [--json]
+
+For each config × layer layout (`model.scan_layers`) × `train.loss_impl`, the train step is
+traced and compiled from abstract shapes (`jit(...).lower(...).compile()`: no weights exist)
+and XLA's memory analysis of the compiled program is read: per device, the arguments (state
+and batch), outputs, the donated part of both (aliased), temporaries, and peak = arguments +
+outputs − aliased + temporaries. `--mesh` shards the step as training would (on CPU the
+benchmark asks XLA for that many host devices when JAX is not yet started).
+
+On XLA:CPU `jax.checkpoint` changes neither the compiled temporaries nor the real peak, so
+these figures say nothing about remat savings; the chunked loss removes buffers from the graph
+itself, so its saving shows here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from gpt2_jax.bench._flags import name_list
+from gpt2_jax.bench._out import fresh_out_dir
+from gpt2_jax.errors import ArgParser, UserError, cli_main
+
+CONFIGS = ("gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b")
+LAYOUTS = {"unrolled": False, "scanned": True}
+AXES = ("data", "fsdp", "tensor")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'fsdp=8' or 'data=2,fsdp=4' → sizes of data, fsdp and tensor (1 where not given)."""
+    sizes = dict.fromkeys(AXES, 1)
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        axis, _, value = part.partition("=")
+        if axis not in AXES or not value.isdigit() or int(value) < 1:
+            raise UserError(f"--mesh takes axis=size pairs from {','.join(AXES)} (e.g. fsdp=8), "
+                            f"got {part!r}")  # fmt: skip
+        sizes[axis] = int(value)
+    return sizes
+
+
+def _ask_for_cpu_devices(n: int) -> None:
+    """Ask XLA:CPU for n host devices (ignored on GPU / TPU); it takes effect only if JAX's
+    backends have not started yet, which `run` then checks."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def measure(cfg, mesh) -> dict:
+    """Trace and compile `cfg`'s train step abstractly on `mesh`; times and memory figures."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2_jax.train_step import Trainer
+
+    t = cfg.train
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg.model, t, mesh)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(trainer.init_state), trainer.state_shardings,
+    )  # fmt: skip
+    batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32,
+                                 sharding=trainer.batch_sharding)  # fmt: skip
+    lowered = trainer.step.lower(state, batch, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    return {
+        "trace_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
+        "argument_bytes": args, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
+        "peak_bytes": args + out - alias + temp,
+    }  # fmt: skip
+
+
+def run(args) -> list[dict]:
+    import jax
+
+    from gpt2_jax.config import MeshConfig, load_config
+    from gpt2_jax.sharding import make_mesh
+    from gpt2_jax.train import resolve_config_path
+
+    n = args.mesh["data"] * args.mesh["fsdp"] * args.mesh["tensor"]
+    if len(jax.devices()) < n:
+        raise UserError(f"--mesh needs {n} devices, JAX sees {len(jax.devices())}; on CPU start "
+                        f"with XLA_FLAGS=--xla_force_host_platform_device_count={n}")  # fmt: skip
+    mesh = make_mesh(MeshConfig(**args.mesh), jax.devices()[:n])
+    device = jax.devices()[0].device_kind
+    records = []
+    remat = None if args.remat == "config" else args.remat
+    for name in args.configs:
+        base = load_config(resolve_config_path(name))
+        for layout in args.layouts:
+            for impl in args.loss_impls:
+                model = dataclasses.replace(base.model, scan_layers=LAYOUTS[layout],
+                                            dtype=args.dtype)  # fmt: skip
+                train = dataclasses.replace(
+                    base.train, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=1,
+                    loss_impl=impl, remat=remat or base.train.remat,
+                )  # fmt: skip
+                cfg = dataclasses.replace(base, model=model, train=train)
+                rec = {"config": name, "layout": layout, "loss_impl": impl,
+                       "batch_size": args.batch_size, "seq_len": args.seq_len,
+                       "mesh": args.mesh, "remat": train.remat, "dtype": args.dtype,
+                       "device": device, **measure(cfg, mesh)}  # fmt: skip
+                records.append(rec)
+                print(_row(rec), file=sys.stderr, flush=True)
+    return records
+
+
+def _row(r: dict) -> str:
+    gb = lambda b: f"{b / 1e9:8.2f}"  # noqa: E731
+    return (f"{r['config']:<11} {r['layout']:<9} {r['loss_impl']:<8} {r['trace_s']:7.1f} "
+            f"{r['compile_s']:8.1f} {gb(r['argument_bytes'])} {gb(r['temp_bytes'])} "
+            f"{gb(r['peak_bytes'])}")  # fmt: skip
+
+
+def table(records: list[dict]) -> str:
+    r0 = records[0]
+    mesh = "×".join(f"{a} {r0['mesh'][a]}" for a in AXES)
+    lines = [
+        f"train step, B {r0['batch_size']} × T {r0['seq_len']}, {r0['dtype']}, remat "
+        f"{r0['remat']}, mesh {mesh}, {r0['device']}; memory per device (GB)",
+        f"{'config':<11} {'layout':<9} {'loss':<8} {'trace s':>7} {'compile s':>8} "
+        f"{'args':>8} {'temp':>8} {'peak':>8}",
+    ]
+    return "\n".join(lines + [_row(r) for r in records])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgParser(prog="python -m gpt2_jax.bench scale", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma list of configs/ names")
+    p.add_argument("--layouts", default="unrolled,scanned", help="comma list: unrolled,scanned")
+    p.add_argument("--loss-impls", default="full,chunked", help="comma list: full,chunked")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--mesh", default="", help="axis=size pairs, e.g. fsdp=8 (default: 1 device)")
+    p.add_argument("--remat", default="config", help="none | block | dots | config (its own)")
+    p.add_argument("--dtype", default="float32", help="model.dtype (compute)")
+    p.add_argument("--out", default=None, help="JSON file (default: bench_out/scale-*/)")
+    p.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.mesh = parse_mesh(args.mesh)
+    _ask_for_cpu_devices(args.mesh["data"] * args.mesh["fsdp"] * args.mesh["tensor"])
+
+    from gpt2_jax.config import DTYPES, LOSS_IMPLS
+    from gpt2_jax.model import REMAT_POLICIES
+    from gpt2_jax.train import resolve_config_path
+
+    args.layouts = name_list(args.layouts, LAYOUTS, "--layouts")
+    args.loss_impls = name_list(args.loss_impls, LOSS_IMPLS, "--loss-impls")
+    args.configs = [c for c in args.configs.split(",") if c]
+    for name in args.configs:
+        if not resolve_config_path(name).is_file():
+            raise UserError(f"--configs: no config {name!r}; use names from configs/ or paths")
+    if args.batch_size <= 0 or args.seq_len <= 0:
+        raise UserError("--batch-size and --seq-len must be positive")
+    if args.remat not in (*REMAT_POLICIES, "config"):
+        raise UserError(f"--remat takes one of {', '.join(REMAT_POLICIES)} or config")
+    if args.dtype not in DTYPES:
+        raise UserError(f"--dtype takes one of {', '.join(DTYPES)}")
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a directory; pass a JSON file path")
+    records = run(args)
+    out = Path(args.out) if args.out else fresh_out_dir("scale") / "scale.json"
+    out.write_text(json.dumps(records, indent=1) + "\n")
+    if args.json:
+        for rec in records:
+            print(json.dumps(rec))
+    else:
+        print(table(records))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
