@@ -107,15 +107,20 @@ def _chunk(n_valid, layout, w, x_BCD, t_BC, *, scale: float, grads: bool):
     t_N = t_BC.reshape(B * C)
     logits_NV = jnp.einsum(logits_eq, x_ND, w, preferred_element_type=jnp.float32)
     logits_NV = mask_vocab(constrain(logits_NV, "batch", "vocab"), n_valid)
-    lse_N = jax.nn.logsumexp(logits_NV, axis=-1)
+    # The exponentials are taken once and serve both the log-sum-exp and the softmax: a
+    # second exp pass over [N, V] (jax.nn.logsumexp, then exp(logits - lse)) cost 20% of the
+    # head's time on CPU.
+    max_N = jnp.max(logits_NV, axis=-1)
+    exp_NV = jnp.exp(logits_NV - max_N[:, None])
+    sum_N = jnp.sum(exp_NV, axis=-1)
     target_N = jnp.take_along_axis(logits_NV, t_N[:, None], axis=-1)[:, 0]
-    loss_BC = (lse_N - target_N).reshape(B, C)
+    loss_BC = (max_N + jnp.log(sum_N) - target_N).reshape(B, C)
     if not grads:
         return loss_BC, None, None
     V = logits_NV.shape[-1]
     # d(mean loss)/d(logits) = (softmax - one_hot) / tokens
-    d_NV = jnp.exp(logits_NV - lse_N[:, None]) - (jnp.arange(V) == t_N[:, None])
-    d_NV = (d_NV * scale).astype(x_ND.dtype)
+    one_hot_NV = jnp.arange(V) == t_N[:, None]
+    d_NV = (exp_NV * (scale / sum_N)[:, None] - one_hot_NV * scale).astype(x_ND.dtype)
     dx_ND = jnp.einsum(dx_eq, d_NV, w, preferred_element_type=jnp.float32)
     dw = jnp.einsum(dw_eq, d_NV, x_ND, preferred_element_type=jnp.float32)
     return loss_BC, dx_ND.astype(x_BCD.dtype).reshape(B, C, D), dw

@@ -161,7 +161,7 @@ class TrainConfig:
     overwrite: bool = False
     skip_nonfinite: bool = False
     peak_flops: float | None = None  # per device; None = table or CPU probe
-    loss_impl: str = "full"  # "full" | "chunked" (fused LM head + loss, no [tokens, V] logits)
+    loss_impl: str = "chunked"  # "chunked" (fused LM head + loss, no [tokens, V] logits) | "full"
     loss_chunk: int = 128  # sequence positions per chunk of the chunked loss
     profile_steps: list[int] | None = None  # [START, STOP]: jax.profiler trace → out_dir/profile
 

@@ -33,7 +33,8 @@ def test_bench_train_json_records(capsys):
      (["--n-layer", "2,0"], "--n-layer takes positive integers"),
      (["--profile", "pyproject.toml"], "is a file; pass a directory"),
      (["--loss-impl", "full,fused"], "unknown loss impl 'fused'"),
-     (["--loss-chunk", "0"], "--loss-chunk must be positive")],
+     (["--loss-chunk", "0"], "--loss-chunk must be positive"),
+     (["--layouts", "rolled"], "--layouts takes a comma-separated subset")],
 )  # fmt: skip
 def test_bench_train_bad_flags_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -66,11 +67,13 @@ def test_bench_train_depth_list_one_row_each_and_summary(capsys, monkeypatch, tm
     assert "GPT-2 L=3 H=2 d=32 B=2 T=16" in out and "ours / peer" not in out  # one shape
     # Each loss impl is a contender of its own; the first is "ours" in the summary.
     argv = ["--shapes", "--steps", "1", "--rounds", "1", "--peers", "", "--loss-impl",
-            "chunked,full", "--loss-chunk", "5"]  # fmt: skip
+            "chunked,full", "--loss-chunk", "5", "--layouts", "unrolled,scanned"]  # fmt: skip
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
-    assert "gpt2_jax:chunked" in out and "gpt2_jax:full" in out
-    assert out.splitlines()[-1].split()[-3:-1] == ["vs", "gpt2_jax:full"]
+    names = ["unrolled,chunked", "unrolled,full", "scanned,chunked", "scanned,full"]
+    assert all(f"gpt2_jax:{n} " in out for n in names)
+    summary = out.split("ours / peer")[1].splitlines()[1:]
+    assert [line.split()[-2] for line in summary] == [f"gpt2_jax:{n}" for n in names[1:]]
 
 
 def test_bench_pieces_times_every_piece_for_both(capsys):

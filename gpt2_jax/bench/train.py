@@ -3,14 +3,15 @@
     python -m gpt2_jax.bench train [--n-layer 4[,8,...]] [--n-head 4] [--n-embd 256]
         [--batch-size 8] [--seq-len 256] [--steps 10] [--rounds 3] [--peers hf,torch_ref]
         [--shapes] [--attention-impl auto] [--loss-impl full[,chunked]] [--loss-chunk 128]
-        [--profile DIR] [--json]
+        [--layouts unrolled[,scanned]] [--profile DIR] [--json]
 
 `--n-layer` takes a comma list: one row per depth, so the per-layer cost shows as the
 difference between rows. `--shapes` runs the fixed set SHAPES instead (issue 16's table:
 d 256, 8 heads, B 8, T 256 at 1, 4 and 8 layers; then GPT-2 small's block shape, d 768 and
 12 heads, at 4 layers and B 4) and ends with one line per shape: ours / each peer.
-`--loss-impl` takes a comma list too: each impl is a contender of its own
-(`gpt2_jax:<impl>` when there are several), all in the same rounds; the first is "ours".
+`--loss-impl` and `--layouts` (`model.scan_layers`) take comma lists too: each combination is
+a contender of its own (`gpt2_jax:<layout>,<impl>` naming what varies), all in the same
+rounds; the first is "ours".
 
 Every contender trains the same GPT-2 shape (fp32, no dropout, AdamW with the same
 hyper-parameters, global-norm clipping 1.0) on the same random tokens. Time per step is the
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_jax.bench._flags import int_list
+from gpt2_jax.bench._flags import int_list, name_list
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
 PEERS = ("hf", "torch_ref")
@@ -56,7 +57,7 @@ def _timed(step: Callable[[], None], sync: Callable[[], None], n: int) -> float:
     return statistics.median(times)
 
 
-def _ours(args, tokens_BT: np.ndarray, loss_impl: str):
+def _ours(args, tokens_BT: np.ndarray, loss_impl: str, scan_layers: bool):
     import jax
 
     from gpt2_jax.config import MeshConfig, ModelConfig, TrainConfig
@@ -65,7 +66,7 @@ def _ours(args, tokens_BT: np.ndarray, loss_impl: str):
 
     model_cfg = ModelConfig(
         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-        max_seq_len=args.seq_len, attention_impl=args.attention_impl,
+        max_seq_len=args.seq_len, attention_impl=args.attention_impl, scan_layers=scan_layers,
     )  # fmt: skip
     train_cfg = TrainConfig(
         batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=0,
@@ -144,11 +145,16 @@ def run(args) -> list[dict]:
     n_no_pos = v * d + cfg.n_layer * (12 * d * d + 13 * d) + 2 * d  # tied head, biases, LNs
     flops_tok = flops_per_token(cfg, n_no_pos, t)
     tokens_BT = np.random.default_rng(0).integers(0, v, (args.batch_size, t + 1), np.int32)
-    impls = args.loss_impl
-    ours = {("gpt2_jax" if len(impls) == 1 else f"gpt2_jax:{i}"): i for i in impls}
+    ours = {}  # name → (layout, loss impl); the name says what varies between them
+    for layout in args.layouts:
+        for impl in args.loss_impl:
+            lists = ((layout, args.layouts), (impl, args.loss_impl))
+            varied = ",".join(x for x, xs in lists if len(xs) > 1)
+            ours[f"gpt2_jax:{varied}" if varied else "gpt2_jax"] = (layout, impl)
     names = [*ours, *args.peers]
     print(f"building {', '.join(names)} (compiling / warming up)", file=sys.stderr)
-    runners = {name: _ours(args, tokens_BT, impl) for name, impl in ours.items()}
+    runners = {n: _ours(args, tokens_BT, impl, layout == "scanned")
+               for n, (layout, impl) in ours.items()}  # fmt: skip
     runners |= {p: _torch(p, args, tokens_BT) for p in args.peers}
     step_s: dict[str, list[float]] = {n: [] for n in names}
     peaks = []
@@ -168,13 +174,14 @@ def run(args) -> list[dict]:
     for name in names:
         sec = statistics.median(step_s[name])
         tok_s = args.batch_size * t / sec
+        layout, impl = ours.get(name, (None, None))
         records.append({
             "name": name, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": d,
             "batch_size": args.batch_size, "seq_len": t, "step_ms": 1e3 * sec,
             "tokens_per_sec": tok_s, "achieved_flops": tok_s * flops_tok,
             "matmul_peak_flops": peak, "frac_of_peak": tok_s * flops_tok / peak,
             "device": jax.devices()[0].device_kind, "threads": torch.get_num_threads(),
-            "loss_impl": ours.get(name),
+            "layout": layout, "loss_impl": impl,
         })  # fmt: skip
     ours = records[0]["tokens_per_sec"]
     for rec in records:
@@ -248,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-impl", type=_loss_impls, default=["full"],
                    help="comma list of train.loss_impl for ours: full,chunked")  # fmt: skip
     p.add_argument("--loss-chunk", type=int, default=128, help="train.loss_chunk for chunked")
+    p.add_argument("--layouts", default="unrolled", help="comma list: unrolled,scanned")
     p.add_argument("--shapes", action="store_true", help="run the fixed SHAPES (module doc) "
                    "instead of --n-layer/--n-head/--n-embd/--batch-size/--seq-len")  # fmt: skip
     p.add_argument("--profile", default=None, metavar="DIR", help="after timing, trace --steps "
@@ -260,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     depths = int_list(args.n_layer, "--n-layer")
+    args.layouts = name_list(args.layouts, ("unrolled", "scanned"), "--layouts")
     for name in ("n_head", "n_embd", "batch_size", "seq_len", "steps", "rounds", "loss_chunk"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
@@ -279,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rec), flush=True)
         else:
             print(_table(shape_records), flush=True)
-    if not args.json and len(per_shape[0]) > 1 and len(shapes) + len(args.loss_impl) > 2:
+    n_ours = len(args.layouts) * len(args.loss_impl)
+    if not args.json and len(per_shape[0]) > 1 and (len(shapes) > 1 or n_ours > 1):
         print(_summary(per_shape))
     return 0
