@@ -199,7 +199,8 @@ def test_every_mesh_trains_like_one_device(meshes, model):
 
 def test_chunked_loss_and_scanned_layers_on_meshes_train_like_one_device(children):
     report = _json(children[1]["variants"])
-    print("\nchunked loss / scanned layers on 8 devices vs the plain run on 1, 5 steps (fp32):")
+    print("\nchunked loss (5 steps) / scanned layers (10 steps) on 8 devices vs the plain run on "
+          "1 device (fp32):")  # fmt: skip
     for name, r in report.items():
         print(f"  {name:<40} max |Δloss| {r['max_loss_diff']:.2e}  "
               f"max |Δparam| {r['max_param_diff']:.2e}")  # fmt: skip
