@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,3 +28,18 @@ def fresh_out_dir(name: str) -> Path:
         print(f"writing into {path}/", file=sys.stderr, flush=True)
         return path
     raise AssertionError("unreachable")
+
+
+def check_json_path(out: str | None) -> None:
+    """Refuse an --out that names a directory, before any measuring."""
+    if out and Path(out).is_dir():
+        raise UserError(f"--out {out} is a directory; pass a JSON file path")
+
+
+def write_json(out: str | None, name: str, data) -> Path:
+    """`data` as JSON into `out`, or `bench_out/<name>-*/<name>.json` when not given."""
+    path = Path(out) if out else fresh_out_dir(name) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return path

@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import sys
 import time
-from pathlib import Path
 
-from gpt2_jax.bench._out import fresh_out_dir
+from gpt2_jax.bench._out import check_json_path, write_json
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
 LAYOUTS = (("unrolled", False), ("scanned", True))
@@ -214,11 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch_size", "seq_len", "steps", "new_tokens"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
-    if args.out and Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a directory; pass a JSON file path")
+    check_json_path(args.out)
     report = run(args)
-    out = Path(args.out) if args.out else fresh_out_dir("accel") / "accel.json"
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(args.out, "accel", report)
     print(table(report))
-    print(f"wrote {out}", file=sys.stderr)
     return 0

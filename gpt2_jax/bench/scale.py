@@ -25,10 +25,9 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from gpt2_jax.bench._flags import name_list
-from gpt2_jax.bench._out import fresh_out_dir
+from gpt2_jax.bench._out import check_json_path, write_json
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
 CONFIGS = ("gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b")
@@ -122,10 +121,9 @@ def run(args) -> list[dict]:
 
 
 def _row(r: dict) -> str:
-    gb = lambda b: f"{b / 1e9:8.2f}"  # noqa: E731
+    sizes = " ".join(f"{r[k] / 1e9:8.2f}" for k in ("argument_bytes", "temp_bytes", "peak_bytes"))
     return (f"{r['config']:<11} {r['layout']:<9} {r['loss_impl']:<8} {r['trace_s']:7.1f} "
-            f"{r['compile_s']:8.1f} {gb(r['argument_bytes'])} {gb(r['temp_bytes'])} "
-            f"{gb(r['peak_bytes'])}")  # fmt: skip
+            f"{r['compile_s']:8.1f} {sizes}")  # fmt: skip
 
 
 def table(records: list[dict]) -> str:
@@ -178,15 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--remat takes one of {', '.join(REMAT_POLICIES)} or config")
     if args.dtype not in DTYPES:
         raise UserError(f"--dtype takes one of {', '.join(DTYPES)}")
-    if args.out and Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a directory; pass a JSON file path")
+    check_json_path(args.out)
     records = run(args)
-    out = Path(args.out) if args.out else fresh_out_dir("scale") / "scale.json"
-    out.write_text(json.dumps(records, indent=1) + "\n")
+    write_json(args.out, "scale", records)
     if args.json:
         for rec in records:
             print(json.dumps(rec))
     else:
         print(table(records))
-    print(f"wrote {out}", file=sys.stderr)
     return 0
