@@ -252,7 +252,11 @@ def config_diff(saved: dict, current: dict) -> list[str]:
 
 
 # Fields that change how the model computes or lays its weights out, not what they are.
-COMPUTE_ONLY = ("dtype", "attention_impl", "dropout", "scan_layers")
+# The MoE loss weights, capacity and path change the computation, not the weights.
+COMPUTE_ONLY = (
+    "dtype", "attention_impl", "dropout", "scan_layers",
+    "moe_capacity_factor", "moe_aux_loss_coef", "moe_z_loss_coef", "moe_impl",
+)  # fmt: skip
 
 
 def check_same_architecture(saved: dict, current: ModelConfig) -> None:

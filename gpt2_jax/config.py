@@ -17,6 +17,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 POS_EMBEDDINGS = ("learned", "rope")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "blocked", "cudnn")
 LOSS_IMPLS = ("full", "chunked")
+MOE_IMPLS = ("auto", "grouped", "ragged", "dense")
 
 
 class ConfigError(UserError):
@@ -48,6 +49,16 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: str = "auto"  # "auto" | "xla" | "chunked" | "blocked" | "cudnn"
     scan_layers: bool = False  # blocks stacked on a layer axis and run by one scan
+    # Mixture-of-Experts (gpt2_jax.moe): layer i's MLP is routed when i % every == every - 1.
+    moe_experts: int = 0  # 0 = dense MLP in every layer
+    moe_top_k: int = 2
+    moe_every: int = 1  # 2 = every second layer (Switch / GShard)
+    moe_capacity_factor: float | None = None  # None = dropless; else ceil(cf·T·k/E) per expert
+    moe_aux_loss_coef: float = 0.01  # load-balance loss weight in the training loss
+    moe_z_loss_coef: float = 0.001  # router z-loss weight in the training loss
+    # "auto" = "grouped" on CPU (sorted rows, blocked per-expert matmuls), "ragged" on GPU/TPU
+    # (jax.lax.ragged_dot); "dense" runs every expert on every token (the test reference).
+    moe_impl: str = "auto"
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -90,11 +101,51 @@ class ModelConfig:
         for name, options in (("dtype", ("auto", *DTYPES)), ("param_dtype", DTYPES)):
             if getattr(self, name) not in options:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}; use one of {options}")
+        self._check_moe()
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(
                 f"unknown model.attention_impl={self.attention_impl!r}; use one of "
                 f"{ATTENTION_IMPLS}"
             )
+
+    def _check_moe(self) -> None:
+        E, k, every = self.moe_experts, self.moe_top_k, self.moe_every
+        if E < 0:
+            raise ConfigError(f"model.moe_experts must be >= 0 (0 = dense MLP), got {E}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ConfigError(f"unknown model.moe_impl={self.moe_impl!r}; use one of {MOE_IMPLS}")
+        for name in ("moe_aux_loss_coef", "moe_z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        cf = self.moe_capacity_factor
+        if cf is not None and cf <= 0:
+            raise ConfigError(
+                f"model.moe_capacity_factor must be positive or null (dropless), got {cf}"
+            )
+        if E == 0:
+            return
+        if not 1 <= k <= E:
+            raise ConfigError(
+                f"model.moe_top_k={k} must lie in [1, moe_experts={E}]; lower top_k or add experts"
+            )
+        if not 1 <= every <= self.n_layer:
+            raise ConfigError(
+                f"model.moe_every={every} must lie in [1, n_layer={self.n_layer}] so that some "
+                "layer is MoE; use 1 for every layer, 2 for every second"
+            )
+        if every > 1 and self.scan_layers:
+            raise ConfigError(
+                f"model.moe_every={every} mixes dense and MoE layers, which one scanned stack "
+                "cannot hold; set model.scan_layers=false or model.moe_every=1"
+            )
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether block i routes its MLP over experts."""
+        return self.moe_experts > 0 and i % self.moe_every == self.moe_every - 1
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layer))
 
     @property
     def head_dim(self) -> int:
@@ -189,6 +240,7 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
+    expert: int = 1  # splits MoE experts (each device holds E / expert); also splits the batch
     tensor: int = 1
     distributed: str | bool = "auto"  # "auto" | "on" | "off"
 

@@ -5,13 +5,14 @@ A model is written in the first format that computes it exactly (`export_format`
 - `gpt2` (GPT2LMHeadModel): learned positions, MHA, no window, biases;
 - `starcoder2` (Starcoder2ForCausalLM): every RoPE variant (`gpt2_jax.hf_archs`);
 - `gpt_bigcode` (GPTBigCodeForCausalLM, multi_query): learned positions, MQA, no window, biases;
-- `gpt2_jax`: the rest (learned positions with GQA, a window or no biases). GPT-2's keys and
-  weight names plus ours, under a model_type transformers' Auto classes refuse.
+- `gpt2_jax`: the rest (learned positions with GQA, a window or no biases; every MoE model).
+  GPT-2's keys and weight names plus ours, under a model_type transformers' Auto classes refuse.
 
 Every config.json also carries our keys `n_kv_head`, `pos_embedding`, `rope_theta`,
-`attention_window` and `bias` (transformers ignores them). Reading accepts the four formats
-and the older files that were model_type gpt2 with those keys, GPT-2 weights with or without
-the `transformer.` prefix, and refuses anything else in one line.
+`attention_window` and `bias` (transformers ignores them); a MoE model (always `gpt2_jax`)
+adds `moe_experts`, `moe_top_k`, `moe_every` and `moe_capacity_factor`. Reading accepts the
+four formats and the older files that were model_type gpt2 with those keys, GPT-2 weights
+with or without the `transformer.` prefix, and refuses anything else in one line.
 
 Folders hold the logical vocabulary: `model.vocab_pad_multiple` padding is trimmed on export
 and config.json neither carries it nor counts it in vocab_size; reading pads (with zero rows)
@@ -34,6 +35,7 @@ from gpt2_jax.model import GPT
 from gpt2_jax.weights import load_hf_state_dict, to_hf_state_dict
 
 EXTRA_KEYS = ("n_kv_head", "pos_embedding", "rope_theta", "attention_window", "bias")
+MOE_KEYS = ("moe_experts", "moe_top_k", "moe_every", "moe_capacity_factor")
 FORMATS = {
     "gpt2": "GPT-2 (GPT2LMHeadModel)",
     "starcoder2": "Starcoder2 (Starcoder2ForCausalLM)",
@@ -50,11 +52,14 @@ def is_standard_gpt2(cfg: ModelConfig) -> bool:
         and cfg.n_kv_head == cfg.n_head
         and cfg.attention_window is None
         and cfg.bias
+        and cfg.moe_experts == 0
     )
 
 
 def export_format(cfg: ModelConfig) -> str:
     """The model_type `save_hf_folder` writes for `cfg` (see the module docstring)."""
+    if cfg.moe_experts:  # no transformers architecture has GPT-2 MLP experts
+        return "gpt2_jax"
     if is_standard_gpt2(cfg):
         return "gpt2"
     if cfg.pos_embedding == "rope":
@@ -96,7 +101,8 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
         d = hf_archs.bigcode_config(cfg)
     else:
         d = _gpt2_config(cfg, fmt)
-    return {**d, **{key: getattr(cfg, key) for key in EXTRA_KEYS}}
+    moe = MOE_KEYS if cfg.moe_experts else ()
+    return {**d, **{key: getattr(cfg, key) for key in (*EXTRA_KEYS, *moe)}}
 
 
 def _gpt2_fields(d: dict) -> dict:
@@ -127,7 +133,7 @@ def _gpt2_fields(d: dict) -> dict:
         "layer_norm_eps": d.get("layer_norm_epsilon", 1e-5),
         "tie_embeddings": d.get("tie_word_embeddings", True),
     }
-    return {**fields, **{key: d[key] for key in EXTRA_KEYS if key in d}}
+    return {**fields, **{key: d[key] for key in (*EXTRA_KEYS, *MOE_KEYS) if key in d}}
 
 
 def _arch_fields(d: dict) -> dict:

@@ -34,7 +34,10 @@ from gpt2_jax.errors import UserError, notice
 from gpt2_jax.model import GPT
 from gpt2_jax.weights import load_hf_state_dict, to_hf_state_dict
 
-NO_WEIGHTS = ("dtype", "attention_impl", "dropout", "attention_window", "scan_layers")
+NO_WEIGHTS = (
+    "dtype", "attention_impl", "dropout", "attention_window", "scan_layers",
+    "moe_capacity_factor", "moe_aux_loss_coef", "moe_z_loss_coef", "moe_impl",
+)  # fmt: skip
 
 
 def source_config(path: str | Path) -> ModelConfig:

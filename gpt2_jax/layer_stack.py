@@ -35,10 +35,11 @@ def stacked(make_block: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs
     return stack
 
 
-def scan(stack: nnx.Module, x, run_layer: Callable[[nnx.Module, jax.Array], jax.Array]):
-    """`run_layer(block, x)` for each layer of `stack` in order. With dropout active, each
-    layer's RNG counters are written back, as an unrolled loop would leave them; otherwise
-    nothing is written, so a model closed over by a jit (evaluation) is never mutated."""
+def scan(stack: nnx.Module, x, run_layer: Callable[[nnx.Module, jax.Array], tuple]):
+    """`run_layer(block, x) -> (x, y)` for each layer of `stack` in order; returns the last x
+    and the y's stacked on a leading layer axis. With dropout active, each layer's RNG
+    counters are written back, as an unrolled loop would leave them; otherwise nothing is
+    written, so a model closed over by a jit (evaluation) is never mutated."""
     graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
     draws = any(
         isinstance(m, nnx.Dropout) and m.rate > 0 and not m.deterministic
@@ -47,13 +48,13 @@ def scan(stack: nnx.Module, x, run_layer: Callable[[nnx.Module, jax.Array], jax.
 
     def body(x, layer):
         block = nnx.merge(graphdef, *layer)
-        x = run_layer(block, x)
-        return x, nnx.split(block, nnx.Param, ...)[2] if draws else None
+        x, y = run_layer(block, x)
+        return x, (y, nnx.split(block, nnx.Param, ...)[2] if draws else None)
 
-    x, rest = jax.lax.scan(body, x, (params, rest))
+    x, (ys, rest) = jax.lax.scan(body, x, (params, rest))
     if draws:
         nnx.update(stack, rest)
-    return x
+    return x, ys
 
 
 def layers(stack: nnx.Module, n: int) -> list[nnx.Module]:

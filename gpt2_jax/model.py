@@ -18,6 +18,7 @@ from gpt2_jax import layer_stack
 from gpt2_jax.attention import dot_product_attention
 from gpt2_jax.chunked_loss import chunked_cross_entropy
 from gpt2_jax.config import LOSS_IMPLS, ConfigError, ModelConfig
+from gpt2_jax.moe import STATS, MoE
 from gpt2_jax.rope import apply_rope, rope_angles
 from gpt2_jax.sampling import mask_vocab
 from gpt2_jax.sharding import constrain, tensor_parallel
@@ -166,17 +167,23 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-LayerNorm transformer block."""
+    """Pre-LayerNorm transformer block; its MLP is routed over experts (`MoE`) when
+    `cfg.is_moe_layer(i)`. `__call__` returns the output and the MoE stats (None if dense)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
         self.ln_1 = _layer_norm(cfg, rngs=rngs)
         self.attn = Attention(cfg, rngs=rngs)
         self.ln_2 = _layer_norm(cfg, rngs=rngs)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_BTD: jax.Array, rope_cs) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, rope_cs) -> tuple[jax.Array, dict | None]:
         x_BTD = constrain(x_BTD + self.attn(self.ln_1(x_BTD), rope_cs), *RESIDUAL)
-        return constrain(x_BTD + self.mlp(self.ln_2(x_BTD)), *RESIDUAL)
+        h_BTD = self.ln_2(x_BTD)
+        if isinstance(self.mlp, MoE):
+            y_BTD, stats = self.mlp.routed(h_BTD)
+        else:
+            y_BTD, stats = self.mlp(h_BTD), None
+        return constrain(x_BTD + y_BTD, *RESIDUAL), stats
 
 
 def _remat_block(policy: str):
@@ -187,6 +194,13 @@ def _remat_block(policy: str):
         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     }[policy]
     return nnx.remat(lambda block, x, rope_cs: block(x, rope_cs), policy=jax_policy)
+
+
+def _mean_stats(per_layer: list[dict]) -> dict[str, jax.Array]:
+    """The MoE stats averaged over the MoE layers ({} for a dense model)."""
+    if not per_layer:
+        return {}
+    return {k: sum(s[k] for s in per_layer) / len(per_layer) for k in STATS}
 
 
 class GPT(nnx.Module):
@@ -209,10 +223,13 @@ class GPT(nnx.Module):
                 embedding_init=_init(0.02, (None, "embed")), rngs=rngs,
             )  # fmt: skip
         self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
-        if cfg.scan_layers:
-            self.h = layer_stack.stacked(lambda r: Block(cfg, rngs=r), cfg.n_layer, rngs)
+        if cfg.scan_layers:  # moe_every is 1 here (ModelConfig): the layers are all alike
+            moe = cfg.moe_experts > 0
+            self.h = layer_stack.stacked(lambda r: Block(cfg, rngs=r, moe=moe), cfg.n_layer, rngs)
         else:
-            self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+            self.h = nnx.List(
+                [Block(cfg, rngs=rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.n_layer)]
+            )
         self.ln_f = _layer_norm(cfg, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = _dense(
@@ -269,19 +286,34 @@ class GPT(nnx.Module):
     ) -> jax.Array:
         """Mean next-token cross-entropy (fp32). impl "full" materialises the logits;
         "chunked" fuses head and loss `chunk` positions at a time (`gpt2_jax.chunked_loss`)."""
-        if impl == "full":
-            return cross_entropy(self(tokens_BT), targets_BT)
-        if impl != "chunked":
+        return self.loss_and_stats(tokens_BT, targets_BT, impl=impl, chunk=chunk)[0]
+
+    def loss_and_stats(
+        self, tokens_BT: jax.Array, targets_BT: jax.Array, *, impl: str = "full", chunk: int = 128
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`loss` and the MoE stats averaged over the MoE layers (`gpt2_jax.moe.STATS`; {} for
+        a dense model)."""
+        if impl not in LOSS_IMPLS:
             raise ConfigError(f"unknown train.loss_impl={impl!r}; use one of {LOSS_IMPLS}")
-        x_BTD = self.ln_f(self.hidden(tokens_BT))
+        x_BTD, stats = self.hidden_and_stats(tokens_BT)
+        if impl == "full":
+            return cross_entropy(self.logits(x_BTD), targets_BT), stats
+        x_BTD = self.ln_f(x_BTD)
         w, layout = self.head()
-        return chunked_cross_entropy(
+        loss = chunked_cross_entropy(
             x_BTD.astype(w.dtype), w, targets_BT,
             n_valid=self.cfg.vocab_size, chunk=chunk, layout=layout,
         )  # fmt: skip
+        return loss, stats
 
     def hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
         """The last block's output [B, T, D] (before the final LayerNorm and the LM head)."""
+        return self.hidden_and_stats(tokens_BT, positions_BT)[0]
+
+    def hidden_and_stats(
+        self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`hidden` and the MoE stats averaged over the MoE layers ({} for a dense model)."""
         check_tokens(tokens_BT, self.cfg)
         B, T = tokens_BT.shape
         if positions_BT is None:
@@ -290,10 +322,15 @@ class GPT(nnx.Module):
         x_BTD = constrain(x_BTD, *RESIDUAL)
         run_block = _remat_block(self.remat)
         if self.cfg.scan_layers:
-            return layer_stack.scan(self.h, x_BTD, lambda b, x_BTD: run_block(b, x_BTD, rope_cs))
+            x_BTD, stats = layer_stack.scan(
+                self.h, x_BTD, lambda b, x_BTD: run_block(b, x_BTD, rope_cs)
+            )
+            return x_BTD, {} if stats is None else {k: jnp.mean(v) for k, v in stats.items()}
+        per_layer = []
         for block in self.h:
-            x_BTD = run_block(block, x_BTD, rope_cs)
-        return x_BTD
+            x_BTD, stats = run_block(block, x_BTD, rope_cs)
+            per_layer += [] if stats is None else [stats]
+        return x_BTD, _mean_stats(per_layer)
 
     def blocks(self) -> list[Block]:
         """The blocks in order, in either layout (scanned: views of the stacked arrays)."""
@@ -351,11 +388,19 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
 
 def count_params(model: GPT, *, matmul_only: bool = False) -> int:
     """Parameter count, padded vocab rows included (they are stored and the head multiplies
-    them); `matmul_only` leaves out the lookup tables (the MFU convention): `wpe`, and `wte` when
-    the head is untied (a tied `wte` is the head's matmul, at the padded width, so it counts)."""
+    them); `matmul_only` counts what one token multiplies (the MFU convention): no lookup
+    tables (`wpe`, and `wte` when the head is untied; a tied `wte` is the head's matmul, at the
+    padded width, so it counts) and, of each MoE layer's experts, the k of E it runs."""
     n = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    if matmul_only and model.cfg.pos_embedding == "learned":
+    if not matmul_only:
+        return int(n)
+    cfg = model.cfg
+    if cfg.pos_embedding == "learned":
         n -= model.wpe.embedding.size
-    if matmul_only and not model.cfg.tie_embeddings:
+    if not cfg.tie_embeddings:
         n -= model.wte.embedding.size
+    for block in model.blocks():
+        if isinstance(block.mlp, MoE):
+            experts = sum(p.size for p in jax.tree.leaves(nnx.state(block.mlp.experts, nnx.Param)))
+            n -= experts * (cfg.moe_experts - cfg.moe_top_k) // cfg.moe_experts
     return int(n)

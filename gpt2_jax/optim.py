@@ -8,6 +8,7 @@ from flax import nnx
 
 from gpt2_jax.config import TrainConfig
 from gpt2_jax.layer_stack import LAYERS
+from gpt2_jax.moe import EXPERT
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -24,13 +25,14 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 def decay_mask(params):
     """Weight decay on matrices and embeddings, not on biases and LayerNorm: on parameters of
-    rank ≥ 2 per layer (the stacked layer axis of scanned layers does not count)."""
+    rank ≥ 2 per layer and expert (the stacked layer axis of scanned layers and the expert axis
+    of MoE weights do not count)."""
 
     def matrix(v):
         if not isinstance(v, nnx.Variable):
             return v.ndim >= 2
         axes = v.get_metadata().get("logical_axes", (None,) * v.ndim)
-        return v.replace(sum(a != LAYERS for a in axes) >= 2)
+        return v.replace(sum(a not in (LAYERS, EXPERT) for a in axes) >= 2)
 
     return jax.tree.map(matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -16,12 +16,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gpt2_jax.config import MeshConfig
 from gpt2_jax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical axis → mesh axis. FSDP shards the model dimension of every matrix; tensor
 # parallelism splits heads and the MLP (Megatron column / row) and the vocabulary.
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),  # expert devices split the batch outside the experts
     "vocab": "tensor",
     "embed": "fsdp",
     "qkv": "tensor",
@@ -29,6 +29,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "norm": None,
     "layers": None,  # the stacked layer axis of model.scan_layers
+    "expert": "expert",  # MoE experts (gpt2_jax.moe)
 }
 
 
@@ -63,6 +64,11 @@ def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def active() -> tuple[Mesh, dict] | None:
+    """The (mesh, rules) activations are pinned to now, or None outside a step."""
+    return _ACTIVATIONS.get()
+
+
 def tensor_parallel() -> bool:
     """Whether activations are being pinned to a mesh with a `tensor` axis over 1."""
     active = _ACTIVATIONS.get()
@@ -88,8 +94,8 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
         sizes[free[0]] = n // fixed
     if math.prod(sizes.values()) != n:
         raise UserError(
-            f"mesh data×fsdp×tensor = {math.prod(sizes.values())} but there are {n} devices; "
-            f"set mesh.* so the product is {n} (or one of them to -1)"
+            f"mesh data×fsdp×expert×tensor = {math.prod(sizes.values())} but there are {n} "
+            f"devices; set mesh.* so the product is {n} (or one of them to -1)"
         )
     grid = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
     return Mesh(grid, MESH_AXES)
@@ -207,14 +213,14 @@ def check_batch(batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
     n = _axis_size(mesh, RULES["batch"])
     if batch_size % n:
         raise UserError(
-            f"train.batch_size={batch_size} is not divisible by mesh data×fsdp={n}; "
+            f"train.batch_size={batch_size} is not divisible by mesh data×fsdp×expert={n}; "
             f"use a multiple of {n}"
         )
     micro = batch_size // grad_accum
     if batch_size % grad_accum == 0 and micro % n:
         raise UserError(
             f"the micro-batch train.batch_size/train.grad_accum = {batch_size}/{grad_accum} = "
-            f"{micro} is not divisible by mesh data×fsdp={n}; make batch_size a multiple of "
+            f"{micro} is not divisible by mesh data×fsdp×expert={n}; make batch_size a multiple of "
             f"{n * grad_accum} or lower grad_accum"
         )
 
@@ -230,8 +236,17 @@ def check_process_batch(mesh: Mesh) -> None:
     if shared:
         raise UserError(
             f"batch shard {shared[0]} of mesh {dict(mesh.shape)} spans processes "
-            f"{sorted(owners[shared[0]])}; make data×fsdp a multiple of the process count "
+            f"{sorted(owners[shared[0]])}; make data×fsdp×expert a multiple of the process count "
             "(mesh.tensor at most the devices of one process)"
+        )
+
+
+def check_experts(n_experts: int, mesh: Mesh) -> None:
+    e = mesh.shape["expert"]
+    if e > 1 and (n_experts == 0 or n_experts % e):
+        raise UserError(
+            f"model.moe_experts={n_experts} is not divisible by mesh.expert={e}; pick an expert "
+            "axis dividing the number of experts (mesh.expert=1 without MoE)"
         )
 
 

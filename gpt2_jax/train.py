@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -213,7 +214,7 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
             file=sys.stderr,
         )
 
-    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    n_shards = math.prod(mesh.shape[a] for a in sharding.RULES["batch"])
     info = RunInfo(
         out=out,
         prepared_dir=prepared_dir,

@@ -314,6 +314,7 @@ class TrainLoop:
                 "step_time": step_time,
                 "data_time": data_time,
                 "skipped": int(m["skipped"]),
+                **self.moe_record(m),
             }
             self.writer.write(record)
             self.wandb.log(record)
@@ -321,6 +322,14 @@ class TrainLoop:
                                  mfu=f"{record['mfu']:.1%}")  # fmt: skip
             if not first_interval:  # the first interval includes compilation
                 self.clock.steady_tok_s.append(tok_s)
+
+    def moe_record(self, m: dict) -> dict[str, float]:
+        """The MoE stats of a logged step (means over MoE layers); `moe_dropped` only with a
+        capacity factor."""
+        keep = [k for k in m if k.startswith("moe_")]
+        if self.cfg.model.moe_capacity_factor is None:
+            keep = [k for k in keep if k != "moe_dropped"]
+        return {k: float(m[k]) for k in keep}
 
     def save(self) -> None:
         meta = {

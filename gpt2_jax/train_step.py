@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gpt2_jax import sharding
 from gpt2_jax.config import ModelConfig, TrainConfig
 from gpt2_jax.model import GPT
+from gpt2_jax.moe import STATS
 from gpt2_jax.optim import lr_schedule, make_optimizer
 
 
@@ -41,12 +42,14 @@ class Trainer:
         inject_nan_step: int | None = None,
     ):
         sharding.check_heads(model_cfg.n_head, mesh)
+        sharding.check_experts(model_cfg.moe_experts, mesh)
         sharding.check_batch(train_cfg.batch_size, mesh, train_cfg.grad_accum)
         sharding.check_process_batch(mesh)
         self.model_cfg, self.cfg, self.mesh = model_cfg, train_cfg, mesh
         self.tx = make_optimizer(train_cfg)
         self.schedule = lr_schedule(train_cfg)
         self.trace_count = 0  # how many times the train step was traced (compiled)
+        self.stat_names = STATS if model_cfg.moe_experts else ()  # MoE stats in the metrics
         self.inject_nan_step = inject_nan_step  # test hook: that step's loss becomes NaN
 
         def build(cfg: ModelConfig = model_cfg) -> GPT:
@@ -73,9 +76,11 @@ class Trainer:
         self.state_shardings = sharding.named(mesh, self.state_specs)
         self.batch_sharding = NamedSharding(mesh, sharding.batch_spec())
         self.metric_sharding = NamedSharding(mesh, scalar)
-        # Batch shards that accumulate their own gradients (see `accumulate`).
+        # Batch shards that accumulate their own gradients (see `accumulate`). MoE layers
+        # gather tokens across devices, which a per-replica vmap cannot express.
         n_batch = math.prod(mesh.shape[a] for a in sharding.RULES["batch"])
-        self.replicas = n_batch if model_cfg.dropout == 0 else 1
+        per_replica = model_cfg.dropout == 0 and model_cfg.moe_experts == 0
+        self.replicas = n_batch if per_replica else 1
 
         self.init_state = jax.jit(self._init, out_shardings=self.state_shardings)
         self._state_from = jax.jit(
@@ -106,15 +111,21 @@ class Trainer:
         return TrainState(zero, params, self.tx.init(params), zero)
 
     def _loss(self, params, key, x_BT, y_BT, rules=None):
+        """The training objective (cross-entropy + the MoE aux losses) and, as aux output,
+        the pure cross-entropy and the MoE stats."""
         # A fresh copy of the RNG state, so reseeding mutates Variables of this trace.
         model = nnx.merge(self.graphdef, params, jax.tree.map(lambda a: a, self.rest))
         if self.model_cfg.dropout > 0:
             nnx.reseed(model, default=key, policy="match_shape")  # stacked layers: a key each
         with sharding.activation_sharding(self.mesh, self.rules if rules is None else rules):
-            return model.loss(x_BT, y_BT, impl=self.cfg.loss_impl, chunk=self.cfg.loss_chunk)
+            ce, stats = model.loss_and_stats(
+                x_BT, y_BT, impl=self.cfg.loss_impl, chunk=self.cfg.loss_chunk
+            )
+        return training_loss(ce, stats, self.model_cfg), (ce, stats)
 
     def accumulate(self, params, step, x_BT, y_BT):
-        """Mean loss and gradients over the grad_accum micro-batches of one global batch.
+        """Mean cross-entropy ("loss"), MoE stats and training-objective gradients over the
+        grad_accum micro-batches of one global batch.
 
         Without dropout each batch shard (one data × fsdp position) sums the gradients of its
         own rows over all micro-batches, and the shards are reduced once per step, straight
@@ -142,36 +153,44 @@ class Trainer:
             rules = dict(self.rules, batch=None)  # inside the vmap, the batch is one replica's
             loss_fn = functools.partial(self._loss, rules=rules)
             grad_fn = jax.vmap(
-                jax.value_and_grad(loss_fn), in_axes=(None, None, 0, 0), spmd_axis_name=batch_axes
+                jax.value_and_grad(loss_fn, has_aux=True),
+                in_axes=(None, None, 0, 0),
+                spmd_axis_name=batch_axes,
             )
             zeros = sharding.replica_zeros(params, self.param_specs, R, self.mesh)
         else:
 
             def grad_fn(p, k, x_1bT, y_1bT):  # one replica: drop its axis
-                return jax.value_and_grad(self._loss)(p, k, x_1bT[0], y_1bT[0])
+                return jax.value_and_grad(self._loss, has_aux=True)(p, k, x_1bT[0], y_1bT[0])
 
             zeros = jax.tree.map(jnp.zeros_like, params)
 
         def micro(carry, inputs):
-            loss_sum, grad_sum = carry
+            sums, grad_sum = carry
             m, x, y = inputs
-            loss, grads = grad_fn(params, jax.random.fold_in(step_key, m), x, y)
-            return (loss_sum + jnp.sum(loss), jax.tree.map(jnp.add, grad_sum, grads)), None
+            (_, (ce, stats)), grads = grad_fn(params, jax.random.fold_in(step_key, m), x, y)
+            sums = jax.tree.map(lambda s, v: s + jnp.sum(v), sums, {"loss": ce, **stats})
+            return (sums, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-        (loss_sum, grad_sum), _ = jax.lax.scan(
-            micro, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(A), split(x_BT), split(y_BT))
+        zero = jnp.zeros((), jnp.float32)
+        sums = {"loss": zero, **{k: zero for k in self.stat_names}}
+        (sums, grad_sum), _ = jax.lax.scan(
+            micro, (sums, zeros), (jnp.arange(A), split(x_BT), split(y_BT))
         )
         if R > 1:
             grad_sum = sharding.sum_replicas(grad_sum, self.param_specs, self.mesh)
-        loss, grads = loss_sum / (A * R), jax.tree.map(lambda g: g / (A * R), grad_sum)
+        means = {k: v / (A * R) for k, v in sums.items()}
+        grads = jax.tree.map(lambda g: g / (A * R), grad_sum)
         if self.inject_nan_step is not None:
             poison = jnp.where(step == self.inject_nan_step, jnp.nan, 0.0)
-            loss, grads = loss + poison, jax.tree.map(lambda g: g + poison, grads)
-        return loss, grads
+            means["loss"] = means["loss"] + poison
+            grads = jax.tree.map(lambda g: g + poison, grads)
+        return means, grads
 
     def _train_step(self, state: TrainState, x_BT, y_BT):
         self.trace_count += 1
-        loss, grads = self.accumulate(state.params, state.step, x_BT, y_BT)
+        means, grads = self.accumulate(state.params, state.step, x_BT, y_BT)
+        loss = means["loss"]
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -192,6 +211,7 @@ class Trainer:
             "lr": self.schedule(state.step - state.skipped),
             "finite": finite,
             "skipped": new_state.skipped,
+            **{f"moe_{k}": v for k, v in means.items() if k != "loss"},
         }
         return new_state, metrics
 
@@ -216,3 +236,10 @@ class Trainer:
         """Global arrays from this process's rows of the batch."""
         to_global = lambda a: jax.make_array_from_process_local_data(self.batch_sharding, a)  # noqa: E731
         return to_global(x_BT), to_global(y_BT)
+
+
+def training_loss(ce: jax.Array, stats: dict, cfg: ModelConfig) -> jax.Array:
+    """Cross-entropy plus the MoE load-balance and z-losses at their config weights."""
+    if not stats:
+        return ce
+    return ce + cfg.moe_aux_loss_coef * stats["lb_loss"] + cfg.moe_z_loss_coef * stats["z_loss"]

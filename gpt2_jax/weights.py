@@ -1,7 +1,9 @@
 """Conversion between the NNX model and the flat Hugging Face GPT-2 weight dict.
 
 The flat layout uses HF GPT-2 names and Conv1D orientation ([in, out]); `c_attn` columns are
-q (n_head·hd) | k (n_kv_head·hd) | v (n_kv_head·hd). `lm_head.weight` ([V, D]) appears only
+q (n_head·hd) | k (n_kv_head·hd) | v (n_kv_head·hd). A MoE layer's MLP is
+`mlp.router.weight` [D, E], `mlp.experts.c_fc.weight` [E, D, 4D] / `.bias` [E, 4D] and
+`mlp.experts.c_proj.weight` [E, 4D, D] / `.bias` [E, D]. `lm_head.weight` ([V, D]) appears only
 when embeddings are untied. The flat dict holds the logical vocabulary (V = vocab_size rows):
 a padded model's extra rows (`model.vocab_pad_multiple`) are trimmed on the way out and
 filled with zeros on the way in; they are never looked up and their logits are -inf, so their
@@ -19,6 +21,7 @@ from flax import nnx
 from gpt2_jax.errors import UserError
 from gpt2_jax.layer_stack import relayout
 from gpt2_jax.model import GPT, with_layout
+from gpt2_jax.moe import MoE
 
 # Buffers some transformers versions keep in GPT-2 state dicts; they are not weights.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -47,7 +50,7 @@ def _param_table(model: GPT) -> dict[str, tuple[nnx.Param, bool]]:
         if ln.bias is not None:
             table[f"{prefix}.bias"] = (ln.bias, False)
 
-    def linear(prefix: str, lin: nnx.Linear, transpose: bool = False) -> None:
+    def linear(prefix: str, lin: nnx.Module, transpose: bool = False) -> None:
         table[f"{prefix}.weight"] = (lin.kernel, transpose)
         if lin.bias is not None:
             table[f"{prefix}.bias"] = (lin.bias, False)
@@ -58,8 +61,13 @@ def _param_table(model: GPT) -> dict[str, tuple[nnx.Param, bool]]:
         linear(f"{p}.attn.c_attn", block.attn.c_attn)
         linear(f"{p}.attn.c_proj", block.attn.c_proj)
         norm(f"{p}.ln_2", block.ln_2)
-        linear(f"{p}.mlp.c_fc", block.mlp.c_fc)
-        linear(f"{p}.mlp.c_proj", block.mlp.c_proj)
+        if isinstance(block.mlp, MoE):  # experts [E, in, out], router [D, E]: as stored
+            table[f"{p}.mlp.router.weight"] = (block.mlp.router, False)
+            linear(f"{p}.mlp.experts.c_fc", block.mlp.experts.c_fc)
+            linear(f"{p}.mlp.experts.c_proj", block.mlp.experts.c_proj)
+        else:
+            linear(f"{p}.mlp.c_fc", block.mlp.c_fc)
+            linear(f"{p}.mlp.c_proj", block.mlp.c_proj)
     norm("transformer.ln_f", model.ln_f)
     if not model.cfg.tie_embeddings:
         linear("lm_head", model.lm_head, transpose=True)

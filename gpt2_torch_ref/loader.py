@@ -2,7 +2,8 @@
 
 Reads transformers' GPT-2 (weights with or without the `transformer.` prefix), Starcoder2 and
 GPTBigCode folders, and gpt2_jax's extended GPT-2 (model_type `gpt2_jax`, or the older `gpt2`
-files) with its keys `n_kv_head`, `pos_embedding`, `rope_theta`, `attention_window` and `bias`.
+files) with its keys `n_kv_head`, `pos_embedding`, `rope_theta`, `attention_window`, `bias`
+and the Mixture-of-Experts keys `moe_experts`, `moe_top_k`, `moe_every`, `moe_capacity_factor`.
 Written apart from gpt2_jax's own reader, so that the two check each other.
 """
 
@@ -22,7 +23,17 @@ _HF_KEYS = {
     "tie_embeddings": "tie_word_embeddings",
     "dropout": "resid_pdrop",
 }
-_EXTRA_KEYS = ("n_kv_head", "pos_embedding", "rope_theta", "attention_window", "bias")
+_EXTRA_KEYS = (
+    "n_kv_head",
+    "pos_embedding",
+    "rope_theta",
+    "attention_window",
+    "bias",
+    "moe_experts",
+    "moe_top_k",
+    "moe_every",
+    "moe_capacity_factor",
+)
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
 

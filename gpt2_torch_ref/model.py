@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt2_torch_ref.moe import ExpertConv1D, MoE, Router
+
 
 @dataclass(frozen=True)
 class RefConfig:
@@ -31,6 +33,11 @@ class RefConfig:
     bias: bool = True
     tie_embeddings: bool = True
     layer_norm_eps: float = 1e-5
+    # Mixture-of-Experts (gpt2_torch_ref.moe): block i is routed when i % every == every - 1.
+    moe_experts: int = 0  # 0 = dense MLP in every block
+    moe_top_k: int = 2
+    moe_every: int = 1
+    moe_capacity_factor: float | None = None  # None = dropless; else ceil(cf·T·k/E) per expert
 
     @property
     def kv_heads(self) -> int:
@@ -39,6 +46,10 @@ class RefConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether block i (0-based) has a MoE in place of the dense MLP."""
+        return self.moe_experts > 0 and i % self.moe_every == self.moe_every - 1
 
 
 class Conv1D(nn.Module):
@@ -124,12 +135,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: RefConfig):
+    def __init__(self, cfg: RefConfig, layer: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -143,7 +154,7 @@ class GPT(nn.Module):
         modules = dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias),
         )
         if cfg.pos_embedding == "learned":
@@ -160,9 +171,9 @@ class GPT(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (Conv1D, nn.Linear, nn.Embedding)):
+        if isinstance(m, (Conv1D, ExpertConv1D, Router, nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, Conv1D) and m.bias is not None:
+        if isinstance(m, (Conv1D, ExpertConv1D)) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -175,6 +186,18 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         return self.lm_head(self.transformer.ln_f(x))
+
+    def moe_aux(self) -> dict[str, torch.Tensor]:
+        """MoE statistics of the last forward, averaged over the MoE layers ({} when dense).
+
+        Keys: lb_loss, z_loss (both differentiable), busiest, idlest, dropped.
+        """
+        layers = [b.mlp.aux for b in self.transformer.h if isinstance(b.mlp, MoE)]
+        if not layers:
+            return {}
+        if not all(layers):
+            raise RuntimeError("moe_aux() needs a forward pass first")
+        return {key: torch.stack([aux[key] for aux in layers]).mean() for key in layers[0]}
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict in the shared layout: `lm_head.weight` only when untied."""

@@ -50,13 +50,13 @@ ABSL_LOG = re.compile(r"[IWE]\d{4} ")  # XLA's own log lines ("W1125 10:03:57.42
 # CLI argv overrides → the one-line error they must give, with 8 devices.
 MESH_ERRORS = {
     "mesh_product": (["mesh.data=3", "mesh.fsdp=1", "mesh.tensor=1"],
-                     "mesh data×fsdp×tensor = 3 but there are 8 devices"),
+                     "mesh data×fsdp×expert×tensor = 3 but there are 8 devices"),
     "batch_divisibility": (["train.batch_size=4", "mesh.data=-1", "mesh.fsdp=2"],
-                           "train.batch_size=4 is not divisible by mesh data×fsdp=8"),
+                           "train.batch_size=4 is not divisible by mesh data×fsdp×expert=8"),
     "heads_divisibility": (["mesh.tensor=4"], "model.n_head=2 is not divisible by mesh.tensor=4"),
     "micro_batch_divisibility": (["train.batch_size=16", "train.grad_accum=4", "mesh.data=-1"],
                                  "the micro-batch train.batch_size/train.grad_accum = 16/4 = 4 "
-                                 "is not divisible by mesh data×fsdp=8"),
+                                 "is not divisible by mesh data×fsdp×expert=8"),
 }  # fmt: skip
 
 

@@ -94,7 +94,7 @@ def _ours(a: argparse.Namespace, rng: np.random.Generator) -> dict[str, Callable
         "attention module": grad_of(block.attn, lambda m, x: m(x, None), ct_BTD, x_BTD),
         "mlp": grad_of(block.mlp, lambda m, x: m(x), ct_BTD, x_BTD),
         "layernorm": grad_of(block.ln_1, lambda m, x: m(x), ct_BTD, x_BTD),
-        "block": grad_of(block, lambda m, x: m(x, None), ct_BTD, x_BTD),
+        "block": grad_of(block, lambda m, x: m(x, None)[0], ct_BTD, x_BTD),
         "lm head + loss": grad_of(
             gpt, lambda m, x: cross_entropy(m.logits(x), targets_BT), jnp.ones(()), x_BTD
         ),
