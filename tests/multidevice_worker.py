@@ -9,6 +9,9 @@ python tests/multidevice_worker.py train ROWS_JSON [train CLI args ...]
 python tests/multidevice_worker.py variants
     both models trained with the chunked loss, and with scanned layers, on 8-device meshes
     against the plain one-device run: the largest loss and parameter differences, as JSON.
+python tests/multidevice_worker.py moe
+    a MoE model on expert-parallel meshes against one device: loss and parameter differences
+    and each device's expert-weight bytes, as JSON.
 python tests/multidevice_worker.py cli-errors JSON_LIST_OF_ARGV
     the training CLI's `main` once per argv; prints the exit codes and stderr as JSON.
 """
@@ -266,6 +269,60 @@ def variants() -> dict:
     return report
 
 
+MOE_MODEL = ModelConfig(
+    vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, max_seq_len=16, moe_experts=8,
+    moe_top_k=2,
+)  # fmt: skip
+MOE_TRAIN = TrainConfig(batch_size=16, seq_len=16, grad_accum=2, lr=1e-3, warmup_steps=2,
+                        max_steps=10)  # fmt: skip
+MOE_MESHES = {
+    "expert8": MeshConfig(data=1, expert=8),
+    "dp2_expert4": MeshConfig(data=2, expert=4),
+    "fsdp2_expert4": MeshConfig(data=1, fsdp=2, expert=4),
+}
+
+
+def _expert_bytes(params) -> dict:
+    """Bytes of the expert weights (mlp/experts/...) in all, and held by each device."""
+    per_device: dict[int, int] = {}
+    total = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        if "experts" not in _name(path):
+            continue
+        total += x.nbytes
+        for shard in x.addressable_shards:
+            per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
+    return {"total": total, "per_device": [per_device[k] for k in sorted(per_device)]}
+
+
+def moe() -> dict:
+    """A MoE model (8 experts, top-2, grad_accum 2) on one device and on expert-parallel
+    meshes over 5 steps: the largest loss and parameter differences and the expert bytes each
+    device holds; plus the same with a capacity factor on data 2 × expert 4."""
+    report = {}
+    runs = {name: (MOE_MODEL, mesh) for name, mesh in MOE_MESHES.items()}
+    capacity = dataclasses.replace(MOE_MODEL, moe_capacity_factor=0.5)
+    runs["capacity/dp2_expert4"] = (capacity, MOE_MESHES["dp2_expert4"])
+    batches = _batches(MOE_TRAIN, STEPS)
+    refs = {}
+    for name, (model_cfg, mesh_cfg) in runs.items():
+        if model_cfg not in refs:
+            one = Trainer(model_cfg, MOE_TRAIN, make_mesh(MeshConfig(), jax.devices()[:1]))
+            init = jax.device_get(one.init_state())
+            refs[model_cfg] = (init, *_train(one, init, batches))
+        init, ref_state, ref_losses = refs[model_cfg]
+        tr = Trainer(model_cfg, MOE_TRAIN, make_mesh(mesh_cfg))
+        state, losses = _train(tr, init, batches)
+        report[name] = {
+            "mesh": {k: v for k, v in tr.mesh.shape.items() if v > 1},
+            "losses": losses,
+            "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)),
+            "max_param_diff": _max_diff(_leaves(state.params), _leaves(ref_state.params))[0],
+            "expert_bytes": _expert_bytes(state.params),
+        }
+    return report
+
+
 def cli_errors(cases: list[list[str]]) -> list[dict]:
     """`python -m gpt2_jax.train ARGS` for each case in this process: exit code and stderr."""
     from gpt2_jax import train
@@ -312,6 +369,9 @@ def main(argv: list[str]) -> int:
         return 0
     if mode == "variants":
         print(json.dumps(variants()))
+        return 0
+    if mode == "moe":
+        print(json.dumps(moe()))
         return 0
     if mode == "cli-errors":
         print(json.dumps(cli_errors(json.loads(rest[0]))))

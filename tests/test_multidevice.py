@@ -137,6 +137,7 @@ def children(tmp_path_factory, prepared_shakespeare):
         )
     cmd = [sys.executable, WORKER, "variants"]
     kids["variants"] = Child("variants", cmd, _env(8), work)
+    kids["moe"] = Child("moe", [sys.executable, WORKER, "moe"], _env(8), work)
     # The same 3 steps on one process with 8 devices and on two processes with 4 each.
     run = [*cli, *MULTIHOST_OVERRIDES]
     kids["one_process"] = Child(
@@ -190,7 +191,7 @@ def test_every_mesh_trains_like_one_device(meshes, model):
         print(f"{name:<16} {shape:<18} {r['max_loss_diff']:>12.2e} {r['max_param_diff']:>13.2e}")
     assert list(report["meshes"]) == list(MESHES)
     for name, r in report["meshes"].items():
-        want = {a: getattr(MESHES[name], a) for a in ("data", "fsdp", "tensor")}
+        want = {a: getattr(MESHES[name], a) for a in ("data", "fsdp", "expert", "tensor")}
         assert r["mesh"] == want
         assert len(r["losses"]) == 5 and all(np.isfinite(r["losses"]))
         assert r["max_loss_diff"] <= TOL, name
@@ -208,6 +209,29 @@ def test_chunked_loss_and_scanned_layers_on_meshes_train_like_one_device(childre
     assert sorted(report) == sorted(f"{m}/{r}" for m in MODELS for r in runs)
     for name, r in report.items():
         assert r["max_loss_diff"] <= TOL and r["max_param_diff"] <= TOL, name
+
+
+def test_moe_on_expert_meshes_trains_like_one_device(children):
+    report = _json(children[1]["moe"])
+    print("\nMoE (8 experts, top-2, grad_accum 2), 5 steps on 8 devices vs 1 device (fp32):")
+    for name, r in report.items():
+        mine = r["expert_bytes"]["per_device"][0] / r["expert_bytes"]["total"]
+        diffs = f"max |Δloss| {r['max_loss_diff']:.2e}  max |Δparam| {r['max_param_diff']:.2e}"
+        print(f"  {name:<22} {r['mesh']}  {diffs}  expert bytes per device {mine:.4f}")
+    assert sorted(report) == sorted(
+        ["expert8", "dp2_expert4", "fsdp2_expert4", "capacity/dp2_expert4"]
+    )
+    for name, r in report.items():
+        assert r["max_loss_diff"] <= TOL and r["max_param_diff"] <= TOL, name
+        assert len(r["losses"]) == 5 and all(np.isfinite(r["losses"]))
+        total, per_device = r["expert_bytes"]["total"], r["expert_bytes"]["per_device"]
+        expert = r["mesh"]["expert"]
+        assert len(per_device) == 8 and len(set(per_device)) == 1
+        if "fsdp" in r["mesh"]:  # fsdp splits the experts' embed axis further
+            assert total / (expert * r["mesh"]["fsdp"]) <= per_device[0] < total / expert, name
+        else:
+            assert per_device[0] == total / expert, name
+    assert report["capacity/dp2_expert4"]["losses"] != report["dp2_expert4"]["losses"]
 
 
 # (mesh axes splitting each dimension, one device's shard shape) per parameter, from the rules:
