@@ -209,3 +209,30 @@ def test_profile_steps_write_a_trace_of_those_steps(tmp_path, prepared_shakespea
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert f"profile of steps 2–3 in {out / 'profile'}/" in capsys.readouterr().err
     assert sorted(train_losses(out)) == [1, 2, 3, 4]  # the run itself is unchanged
+
+
+def test_moe_run_logs_router_stats_resumes_and_exports(tmp_path, prepared_shakespeare, capsys):
+    from gpt2_jax.convert import main as convert_main
+    from gpt2_jax.hf_format import load_hf_folder
+
+    out = tmp_path / "moe"
+    moe = ["model.n_layer=2", "model.moe_experts=4", "model.moe_every=2",
+           "model.moe_capacity_factor=1.0", "train.eval_every=3", "checkpoint.every=3"]  # fmt: skip
+    train(tiny_config(out, prepared_shakespeare, *moe, "train.max_steps=6",
+                      "train.sample_every=6"))  # fmt: skip
+    assert "--- sample at step 6 ---" in capsys.readouterr().err
+    train(tiny_config(out, prepared_shakespeare, *moe, "train.max_steps=8"))  # resumes at 6
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, 9))
+    for r in logged:
+        # one MoE layer of 4 experts, top-2: the busiest expert takes at least 1/4 of the
+        # assignments, the idlest at most 1/4; lb = 4·Σ f·P lies in (0, 4], 1 when balanced
+        assert 0.25 <= r["moe_busiest"] <= 0.5 and 0 <= r["moe_idlest"] <= 0.25
+        assert 0 < r["moe_lb_loss"] <= 4 and r["moe_z_loss"] > 0 and 0 <= r["moe_dropped"] < 1
+    assert logged[-1]["loss"] < logged[0]["loss"]
+    code = convert_main(["to-hf", "--checkpoint", str(out), "--out", str(tmp_path / "hf")])
+    assert code == 0
+    folder = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert folder["model_type"] == "gpt2_jax" and folder["moe_experts"] == 4
+    assert load_hf_folder(tmp_path / "hf").cfg.moe_capacity_factor == 1.0

@@ -59,7 +59,7 @@ TRAIN_IMPLS = ("auto", *IMPLS)
 SHAPES = {
     "default": dict(batch_size=8, seq_len=1024, n_embd=256, experts="4,8,16,32", repeats=5,
                     train_steps=200),
-    "smoke": dict(batch_size=2, seq_len=32, n_embd=32, experts="4,8", repeats=2, train_steps=6),
+    "smoke": dict(batch_size=2, seq_len=32, n_embd=32, experts="4,8", repeats=2, train_steps=4),
 }  # fmt: skip
 # Both training rows: Shakespeare, no dropout, no sampling, checkpoints only at the end.
 TRAIN_COMMON = (
@@ -71,7 +71,7 @@ TRAIN_SHAPES = {  # ≈ a few minutes on 2 cores / seconds
     "default": "model.n_head=4 model.n_embd=128 model.max_seq_len=128 train.seq_len=128 "
     "train.batch_size=16 train.lr=3e-3 train.min_lr=3e-4 train.eval_steps=8 train.log_every=10",
     "smoke": "model.n_head=2 model.n_embd=32 model.max_seq_len=32 train.seq_len=32 "
-    "train.batch_size=4 train.eval_steps=1 train.log_every=2",
+    "train.batch_size=4 train.eval_steps=1 train.log_every=1",
 }
 TARGET_GROWTH, TARGET_VS_MLP = 1.3, 1.6  # grouped: largest E / smallest E, and / dense MLP
 
@@ -292,7 +292,7 @@ def train_configs(args, work: Path) -> dict:
 
     steps = args.train_steps
     schedule = (f"train.max_steps={steps} train.warmup_steps={max(1, steps // 10)} "
-                f"train.eval_every={max(1, steps // 4)}")  # fmt: skip
+                f"train.eval_every={max(steps // 4, min(steps, 10))}")  # fmt: skip
     common = [*f"{TRAIN_COMMON} {TRAIN_SHAPES[args.shape]} {schedule}".split()]
     base = load_config(None, [*common, *args.overrides])
     if base.data.prepared_dir is None:  # one tokenisation for both rows
