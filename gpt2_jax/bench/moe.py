@@ -28,7 +28,7 @@ rows run one after the other, so load from other processes may favour either) an
 the last logged moe_lb_loss / moe_busiest / moe_idlest (means over the MoE layers).
 Positional `section.key=value` overrides apply to both rows after the bench's own settings.
 
-`--smoke` shrinks every default (B 2 × T 32, D 32, E 4,8; 6 training steps at D 32) so CI
+`--smoke` shrinks every default (B 2 × T 32, D 32, E 4,8; 4 training steps at D 32) so CI
 runs both sections in seconds; flags given explicitly still apply. `--json` prints one JSON
 object per measurement instead of the tables; the list goes to `--out` (default: a new
 bench_out/moe-<time>/moe.json, named on stderr).
@@ -230,7 +230,8 @@ def layer_records(contenders: list[Contender]) -> list[dict]:
         b, rec = best[id(c)], c.record
         first.setdefault(rec["impl"], b)
         records.append({
-            **rec, "ms_best": b * 1e3, "ms_median": statistics.median(c.times) * 1e3,
+            **rec, "ms_best": round(b * 1e3, 3),
+            "ms_median": round(statistics.median(c.times) * 1e3, 3),
             "ms_rounds": [round(t * 1e3, 3) for t in c.times],
             "gflop_per_s": rec["gflop"] / b if rec["impl"] == "mlp" else None,
             "vs_mlp": b / mlp_best, "vs_first_experts": b / first[rec["impl"]],
