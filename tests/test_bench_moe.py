@@ -23,7 +23,8 @@ def test_layer_and_training_records(tmp_path, capsys, prepared_shakespeare):
     argv = ["--smoke", "--experts", "4,8", "--impls", "grouped,ragged", "--train",
             "--train-steps", "2", "--dense-layers", "1", "--moe-layers", "1", "--json",
             "--out", str(out), f"data.prepared_dir={prepared_shakespeare}",
-            "train.peak_flops=1e12"]  # fmt: skip  (a set peak skips the CPU matmul probe)
+            "train.peak_flops=1e12"]  # fmt: skip
+    # (a set peak_flops skips train()'s CPU matmul probe)
     assert moe.main(argv) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert json.loads(out.read_text()) == records
