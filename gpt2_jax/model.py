@@ -399,8 +399,8 @@ def count_params(model: GPT, *, matmul_only: bool = False) -> int:
         n -= model.wpe.embedding.size
     if not cfg.tie_embeddings:
         n -= model.wte.embedding.size
-    for block in model.blocks():
-        if isinstance(block.mlp, MoE):
-            experts = sum(p.size for p in jax.tree.leaves(nnx.state(block.mlp.experts, nnx.Param)))
-            n -= experts * (cfg.moe_experts - cfg.moe_top_k) // cfg.moe_experts
+    if cfg.moe_experts:  # either layout, from shapes alone: no layer is sliced out
+        flat = jax.tree_util.tree_leaves_with_path(nnx.state(model.h, nnx.Param))
+        experts = sum(p.size for path, p in flat if "experts" in jax.tree_util.keystr(path))
+        n -= experts * (cfg.moe_experts - cfg.moe_top_k) // cfg.moe_experts
     return int(n)

@@ -6,8 +6,8 @@ The math (the torch reference `gpt2_torch_ref.moe` computes the same):
 - output = Σ over the chosen experts of weight · expert(x), summed in fp32;
 - with `moe_capacity_factor` cf, each sequence is a group: an expert keeps at most
   C = ceil(cf·T·k/E) of the sequence's assignments, taken position-major (token 0's choices,
-  then token 1's, …), so a token's routing never depends on later tokens; a dropped
-  assignment adds nothing and the others are not renormalised;
+  then token 1's, …), so at a given length T a token's routing never depends on later tokens
+  (C itself grows with T); a dropped assignment adds nothing, the others are not renormalised;
 - per layer: load-balance loss E·Σ_e f_e·P_e (f_e: share of the N·k assignments made to e,
   before drops; P_e: mean router probability of e) and z-loss mean(logsumexp(z)²).
 
