@@ -12,8 +12,9 @@ dropout) per impl × E, forward and backward (the gradients of the input and of 
 parameter, with the load-balance and z-losses at their default weights, as in training), jit
 compiled, on the same random tokens. The yardstick is a dense GELU MLP D → k·4·D → D: the
 matmul FLOPs of the k experts each token runs. Every contender is compiled and run once more
-before timing; then `--repeats` rounds time each contender once in turn, so that load from
-other processes falls on them alike; the tables give the best and the median round. `dense`
+before timing; then `--repeats` rounds time each contender once in turn (in alternating
+order), so that load from other processes falls on them alike; the tables give the best and the
+median round, the ratios are of the best (the least disturbed by other processes). `dense`
 (every expert on every token, the reference) does E/k times the work: leave it out of large E.
 On XLA:CPU `ragged` (jax.lax.ragged_dot) computes every expert on every row too.
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -98,8 +100,6 @@ def cpu_model() -> str:
 
 def machine() -> dict:
     """Where the numbers come from: CPU model and cores, jax version, the device JAX runs on."""
-    import os
-
     import jax
 
     d = jax.devices()[0]
@@ -202,7 +202,9 @@ def layer_contenders(args, base: dict) -> list[Contender]:
 
 
 def time_rounds(contenders: list[Contender], repeats: int) -> None:
-    """Compile and run each once more, then `repeats` rounds of one timed run each."""
+    """Compile and run each once more, then `repeats` rounds of one timed run each, in turn
+    first to last, then last to first: each run follows its neighbour's or its own, not the
+    largest contender's (whose freed buffers would cost the next one page faults)."""
     for c in contenders:
         t0 = time.perf_counter()
         c.run()  # compile
@@ -210,7 +212,7 @@ def time_rounds(contenders: list[Contender], repeats: int) -> None:
         c.run()
         _say(f"warmed up {_label(c.record)} (compile + first run {c.record['compile_s']:.1f} s)")
     for r in range(repeats):
-        for c in contenders:
+        for c in contenders[:: -1 if r % 2 else 1]:
             c.times.append(c.run())
         _say(f"round {r + 1}/{repeats}: " + ", ".join(
             f"{_label(c.record)} {c.times[-1] * 1e3:.0f} ms" for c in contenders))  # fmt: skip
