@@ -240,8 +240,10 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
-    expert: int = 1  # splits MoE experts (each device holds E / expert); also splits the batch
     tensor: int = 1
+    # Splits MoE experts (each device holds E / expert) and the batch; in the device grid it
+    # sits between fsdp and tensor (gpt2_jax.sharding.MESH_AXES).
+    expert: int = 1
     distributed: str | bool = "auto"  # "auto" | "on" | "off"
 
     def __post_init__(self) -> None:

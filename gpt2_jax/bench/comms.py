@@ -95,7 +95,7 @@ def compile_step(cfg, sizes: tuple[int, int, int]):
     from gpt2_jax.train_step import Trainer
 
     data, fsdp, tensor = sizes
-    mesh = make_mesh(MeshConfig(data, fsdp, tensor), jax.devices()[: data * fsdp * tensor])
+    mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[: data * fsdp * tensor])
     trainer = Trainer(cfg.model, cfg.train, mesh)
     state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
