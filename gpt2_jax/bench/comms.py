@@ -95,7 +95,8 @@ def compile_step(cfg, sizes: tuple[int, int, int]):
     from gpt2_jax.train_step import Trainer
 
     data, fsdp, tensor = sizes
-    mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[: data * fsdp * tensor])
+    mesh_cfg = MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
+    mesh = make_mesh(mesh_cfg, jax.devices()[: data * fsdp * tensor])
     trainer = Trainer(cfg.model, cfg.train, mesh)
     state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
