@@ -221,14 +221,28 @@ def load_tokens(src: str, **kwargs) -> np.ndarray:
 # --------------------------------------------------------------------------- scoring
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _next_token_nll(graphdef, state, tokens_BT: jax.Array) -> jax.Array:
-    """nll_BT[b, t] = -log p(tokens[b, t + 1] | tokens[b, :t + 1]) in fp32; shape [B, T - 1]."""
-    model = nnx.merge(graphdef, state)
-    logits_BTV = model(tokens_BT)[:, :-1].astype(jnp.float32)
+def _nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    logits_BTV = logits_BTV.astype(jnp.float32)
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_BT = jnp.take_along_axis(logits_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
-    return lse_BT - target_BT
+    return lse_BT - jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _next_token_nll(graphdef, state, tokens_BT: jax.Array, head_chunk: int | None) -> jax.Array:
+    """nll_BT[b, t] = -log p(tokens[b, t + 1] | tokens[b, :t + 1]) in fp32; shape [B, T - 1].
+    With `head_chunk`, the LM head runs that many positions at a time ([B, chunk, V] logits)."""
+    model = nnx.merge(graphdef, state)
+    B, T = tokens_BT.shape
+    if head_chunk is None or T - 1 <= head_chunk:
+        return _nll(model(tokens_BT)[:, :-1], tokens_BT[:, 1:])
+    n = -(-(T - 1) // head_chunk)
+    pad = ((0, 0), (0, n * head_chunk - (T - 1)))
+    x_BTD = jnp.pad(model.hidden(tokens_BT)[:, :-1], (*pad, (0, 0)))
+    targets_BT = jnp.pad(tokens_BT[:, 1:], pad)
+    x_nBCD = x_BTD.reshape(B, n, head_chunk, -1).swapaxes(0, 1)
+    t_nBC = targets_BT.reshape(B, n, head_chunk).swapaxes(0, 1)
+    nll_nBC = jax.lax.map(lambda xt: _nll(model.logits(xt[0]), xt[1]), (x_nBCD, t_nBC))
+    return nll_nBC.swapaxes(0, 1).reshape(B, n * head_chunk)[:, : T - 1]
 
 
 def check_seq_len(model: GPT, seq_len: int) -> None:
@@ -262,12 +276,14 @@ def evaluate(
     stride: int | None = None,
     batch_size: int = 8,
     show_progress: bool = True,
+    head_chunk: int | None = None,
 ) -> dict:
     """Score `tokens` with `model` (switched to eval mode) by the fixed-length procedure.
 
     Returns the JSON fields. Windows run through one jitted forward in batches of
     `batch_size`, padded to a fixed shape; the NLL is summed in float64 on the host from
-    per-token fp32 values.
+    per-token fp32 values. `head_chunk` bounds the logits alive to [batch, head_chunk, vocab]
+    (long windows); the result is the same.
     """
     seq_len = model.cfg.max_seq_len if seq_len is None else seq_len
     stride = seq_len if stride is None else stride
@@ -292,7 +308,7 @@ def evaluate(
         tokens_BT = np.zeros((B, T), np.int32)  # pad rows and tails are never scored
         for row, w in enumerate(batch):
             tokens_BT[row, : w.end - w.begin] = tokens[w.begin : w.end]
-        nll_BT = np.asarray(_next_token_nll(graphdef, state, jnp.asarray(tokens_BT)))
+        nll_BT = np.asarray(_next_token_nll(graphdef, state, jnp.asarray(tokens_BT), head_chunk))
         for row, w in enumerate(batch):
             # nll_BT[row, j] scores position begin + j + 1.
             scored = nll_BT[row, w.first - w.begin - 1 : w.end - w.begin - 1]

@@ -61,7 +61,7 @@ def test_variants_out_default_is_a_fresh_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(variants, "run_all", stop)
     with pytest.raises(SystemExit):
-        variants.main(["--preset", "smoke", "--rows", "standard", "--peers", "none"])
+        variants.main(["--preset", "tiny", "--rows", "standard", "--peers", "none"])
     folder = only_fresh_folder(tmp_path, "variants", capsys.readouterr().err)
     assert list(folder.iterdir()) == []
     assert tree_state(DOCS) == docs_before

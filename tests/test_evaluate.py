@@ -239,6 +239,18 @@ def test_rope_extrapolates_to_twice_training_length(tmp_path, capsys):
     assert got["perplexity"] == pytest.approx(want_ppl, rel=REL_TOL)
 
 
+@pytest.mark.parametrize("kw", [{}, {"pos_embedding": "rope", "attention_window": 8}])
+def test_head_chunk_scores_the_same(kw):
+    """The LM head run 5 positions at a time (padded tail chunk) scores exactly as a whole."""
+    model = randomize(GPT(tiny(**kw), rngs=nnx.Rngs(0)), seed=6)
+    tokens = np.random.default_rng(7).integers(0, 64, 90)
+    whole = evaluate.evaluate(model, tokens, seq_len=16, batch_size=3, show_progress=False)
+    chunked = evaluate.evaluate(
+        model, tokens, seq_len=16, batch_size=3, show_progress=False, head_chunk=5
+    )
+    assert chunked == pytest.approx(whole, rel=1e-6)
+
+
 def test_learned_positions_beyond_max_seq_len_refused(tmp_path, capsys):
     save_hf_folder(GPT(tiny(), rngs=nnx.Rngs(0)), tmp_path / "ck")
     data = write_bin(tmp_path / "val.bin", range(50))

@@ -1,10 +1,9 @@
-"""The Markdown table and the PNG plots of `python -m gpt2_jax.bench variants`."""
+"""The Markdown tables of `python -m gpt2_jax.bench variants` (plots: `_variants_plots`)."""
 
 from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from pathlib import Path
 
 # The seed project's headline table (memory GB, training tok/s, perplexity). Its README is not
 # in this repository; the only table with these rows and columns found offline is at
@@ -32,49 +31,63 @@ def _ratio(x, ref) -> str:
     return "–" if x is None or not ref else f"{x / ref:.2f}×"
 
 
-def _spread(value, rounds: list[float] | None) -> str:
-    """The median with the range over timing rounds."""
-    if value is None:
+def _mean_ci(row: dict, metric: str, fmt=_num) -> str:
+    """The mean over seeds ± the 95% half-width; with one seed, the range over the timing
+    rounds where there are rounds."""
+    mean, ci = row.get(metric), row.get(f"{metric}_ci95")
+    if mean is None:
         return "–"
-    if not rounds or len(rounds) < 2:
-        return _num(value)
-    return f"{value:,.0f} ({min(rounds):,.0f}–{max(rounds):,.0f})"
+    if ci is not None:
+        half = (ci[1] - ci[0]) / 2
+        return f"{fmt(mean)} ± {fmt(half)}" if half else f"{fmt(mean)} ± 0"
+    rounds = [x for seed in row.get(f"{metric}_rounds") or [] for x in seed]
+    if len(rounds) >= 2:
+        return f"{fmt(mean)} ({fmt(min(rounds))}–{fmt(max(rounds))})"
+    return fmt(mean)
 
 
-def _seed(key: str) -> str:
-    if key not in SEED_CLAIMS:
+def _vs(row: dict, metric: str) -> str:
+    """Ratio to Standard (mean of per-seed ratios) and the paired test's p and verdict."""
+    if row.get("key") == "standard" and row.get("kind") == "jax":
+        return "1.00×"
+    test = (row.get("vs_standard") or {}).get(metric)
+    if not test or test["ratio"]["mean"] is None:
         return "–"
-    name, gb, tok_s, ppl = SEED_CLAIMS[key]
-    return f"{name}: {gb} GB, {tok_s / 1e3:.1f}K tok/s, ppl {ppl}"
+    if test["p"] is None:
+        return f"{test['ratio']['mean']:.2f}× (n/a)"
+    return f"{test['ratio']['mean']:.2f}× (p {test['p']:.2g}, {test['beyond_seed_noise']})"
 
 
-def _standard(rows: list[dict]) -> dict:
-    return next((r for r in rows if r["key"] == "standard"), {})
+def _extrapolation(row: dict, k: str) -> str:
+    at = row.get("val_ppl_at") or {}
+    if row["kind"] == "jax" and at.get(k) is None:
+        return "n/a (learned)"
+    ci = (row.get("val_ppl_at_ci95") or {}).get(k)
+    v = at.get(k)
+    if v is None:
+        return "–"
+    return f"{v:.1f} ± {(ci[1] - ci[0]) / 2:.1f}" if ci else f"{v:.1f}"
 
 
 def _table(rows: list[dict]) -> list[str]:
-    std = _standard(rows)
     lines = [
-        "| Row | Params | Peak train memory | RSS peak growth | Train tok/s | × Std | KV bytes "
-        "/ token | KV cache @ctx | Decode tok/s | × Std | Val ppl | Val ppl @2×T | MFU | Seed's "
-        "claim |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| Row | Params | Active params: all / blocks | Peak train memory | × Std | Train tok/s "
+        "| × Std | KV bytes / token | Decode tok/s | × Std | Val ppl | × Std | ppl @2×T | @4×T "
+        "| @8×T | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ppl_2x = _num(r["val_ppl_2x"], ".1f")
-        if r["kind"] == "jax" and r["val_ppl_2x"] is None:
-            ppl_2x = "n/a (learned)"
+        active = f"{r['active_params']:,} / {_num(r['active_params_blocks'])}"
         cells = [
-            r["name"], f"{r['params'] / 1e6:.2f}M",
-            f"{_bytes(r['peak_train_bytes'])} ({r['memory_method']})",
-            _bytes(r["peak_rss_growth_bytes"]),
-            _spread(r["train_tokens_per_sec"], r["train_tokens_per_sec_rounds"]),
-            _ratio(r["train_tokens_per_sec"], std.get("train_tokens_per_sec")),
-            _num(r["kv_cache_bytes_per_token"]), _bytes(r["kv_cache_bytes_at_context"]),
-            _spread(r["decode_tokens_per_sec"], r["decode_tokens_per_sec_rounds"]),
-            _ratio(r["decode_tokens_per_sec"], std.get("decode_tokens_per_sec")),
-            _num(r["val_ppl"], ".1f"), ppl_2x,
-            "–" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", _seed(r["key"]),
+            r["name"], f"{r['params'] / 1e6:.2f}M", active,
+            f"{_mean_ci(r, 'peak_train_bytes', _bytes)} ({r['memory_method']})",
+            _vs(r, "peak_train_bytes"),
+            _mean_ci(r, "train_tokens_per_sec"), _vs(r, "train_tokens_per_sec"),
+            _num(r["kv_cache_bytes_per_token"]),
+            _mean_ci(r, "decode_tokens_per_sec"), _vs(r, "decode_tokens_per_sec"),
+            _mean_ci(r, "val_ppl", lambda x: _num(x, ".1f")), _vs(r, "val_ppl"),
+            *(_extrapolation(r, k) for k in ("2x", "4x", "8x")),
+            "–" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -82,7 +95,7 @@ def _table(rows: list[dict]) -> list[str]:
 
 def _seed_comparison(rows: list[dict]) -> list[str]:
     """Each claimed change as a ratio to the seed's Standard row, beside this run's."""
-    std = _standard(rows)
+    std = next((r for r in rows if r["key"] == "standard" and r["kind"] == "jax"), {})
     _, gb0, tok0, ppl0 = SEED_CLAIMS["standard"]
     lines = [
         "| Row | Memory: seed | ours | Train tok/s: seed | ours | Val ppl: seed | ours |",
@@ -102,91 +115,46 @@ def _seed_comparison(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[dict], settings: dict, elapsed_s: float) -> str:
-    """The results table, the seed's claims as ratios beside ours, and the settings."""
-    s, m = settings, settings["model"]
+def _intro(s: dict, rows: list[dict]) -> str:
+    m, b = s["model"], s["budget"]
     timing = (
         f"in {s['rounds']} alternating rounds of {s['round_steps']} steps (and one decode run) "
-        "per row, all rows waiting in memory; median (range) over rounds"
+        "per row, a seed's rows all waiting in memory"
         if s["interleaved"]
         else f"in {s['rounds']} rounds of {s['round_steps']} steps right after each row's "
-        "training; median (range) over rounds"
+        "training (rows one at a time, their order reversed on odd seeds)"
     )
-    intro = (
-        f"Device: {rows[0]['device']}. Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
-        f" in {elapsed_s / 60:.1f} min. Model: {m['n_layer']} layers, d={m['n_embd']}, "
-        f"{m['n_head']} heads, {m['dtype']}; seq_len {s['seq_len']}, batch {s['batch_size']}, "
-        f"{s['steps']} training steps = {s['tokens_per_row']:,} tokens per row. Throughput is "
-        f"timed {timing}; torch peers train only in those rounds (same batches, same AdamW). "
-        f"Decode: greedy, batch {s['decode_batch']}, positions "
-        f"{s['decode_context'] - s['decode_new']}–{s['decode_context']}. × Std: ratio to the "
-        "Standard row of this run."
+    budget = (f"Budget: {b['stated_min'] or '–'} min stated, {b['estimate_min'] or '–'} min "
+              f"estimated (`_variants_presets` cost model), {b.get('elapsed_min', '–')} min "
+              "taken.")  # fmt: skip
+    text = (
+        f"Device: {rows[0]['device']}. Model: {m['n_layer']} layers, "
+        f"d={m['n_embd']}, {m['n_head']} heads, {m['dtype']}; seq_len {s['seq_len']}, batch "
+        f"{s['batch_size']}, {s['steps']} steps = {s['tokens_per_row']:,} tokens per row and "
+        f"seed; {s['seeds']} seed(s); window w = {s['window']}. Per-seed throughput is the "
+        f"median over rounds timed {timing}. Decode: greedy, batch {s['decode_batch']}, "
+        f"positions {s['decode_context'] - s['decode_new']}–{s['decode_context']}. {budget}"
     )
     if s["parallel"]:
-        intro += " Rows trained all at once and the timings are not comparable (smoke preset)."
-    return "\n".join([
-        f"# GPT-2 variants, preset `{s['preset']}`", "", intro, "", *_table(rows), "",
-        f"The seed's claims (source: {SEED_SOURCE}; the seed's own README is not available "
-        "offline) as ratios to its Standard row, beside this run's:", "",
-        *_seed_comparison(rows), "", "Settings: `" + json.dumps(s) + "`", "",
-    ])  # fmt: skip
+        text += " Rows trained all at once and the timings are not comparable (tiny preset)."
+    return text
 
 
-def _bars(ax, rows: list[dict], field: str, scale: float, label: str) -> None:
-    pts = [r for r in rows if r.get(field) is not None]
-    if not pts:
-        ax.set_visible(False)
-        return
-    vals = [r[field] * scale for r in pts]
-    spread = [r.get(field + "_rounds") or [r[field]] for r in pts]
-    err = [[v - min(s) * scale for v, s in zip(vals, spread, strict=True)],
-           [max(s) * scale - v for v, s in zip(vals, spread, strict=True)]]  # fmt: skip
-    bars = ax.barh(range(len(vals)), vals, xerr=err, color="tab:blue", ecolor="gray")
-    ax.set_yticks(range(len(vals)), [r["name"] for r in pts], fontsize=8)
-    ax.invert_yaxis()
-    ax.bar_label(bars, [f"{v:,.1f}" if v < 100 else f"{v:,.0f}" for v in vals], fontsize=7,
-                 padding=3)  # fmt: skip
-    ax.set_xlabel(label)
-    ax.grid(axis="x", alpha=0.3)
-
-
-def plots(rows: list[dict], settings: dict, out: Path) -> list[Path]:
-    """Validation loss of every trained row; throughput bars (range over the timing rounds);
-    memory bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tokens_per_step = settings["batch_size"] * settings["seq_len"]
-    paths = [out / f"variants_{n}.png" for n in ("val_loss", "throughput", "memory")]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        if r["val_curve"]:
-            steps, losses = zip(*r["val_curve"], strict=True)
-            ax.plot([s * tokens_per_step / 1e3 for s in steps], losses, "o-", ms=3, label=r["name"])
-    base = next((r["unigram_baseline_loss"] for r in rows if r.get("unigram_baseline_loss")), None)
-    if base:
-        ax.axhline(base, color="gray", ls=":", label="unigram baseline (train counts)")
-    ax.set(xlabel="training tokens (thousands)", ylabel="validation loss (nats/token)",
-           title=f"validation loss, preset {settings['preset']}")  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
-    for path, panels in (
-        (paths[1], [("train_tokens_per_sec", 1.0, "training tokens/s"),
-                    ("decode_tokens_per_sec", 1.0, "decode tokens/s")]),
-        (paths[2], [("peak_train_bytes", 2.0**-20, "peak training memory (MiB; method per row)"),
-                    ("peak_rss_growth_bytes", 2.0**-20, "RSS peak growth (MiB)"),
-                    ("kv_cache_bytes_at_context", 2.0**-20, "KV cache at context (MiB)")]),
-    ):  # fmt: skip
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6))
-        for ax, (field, scale, label) in zip(axes, panels, strict=True):
-            _bars(ax, rows, field, scale, label)
-        fig.suptitle(f"{rows[0]['device']}, preset {settings['preset']}", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return paths
+def markdown(results: dict) -> str:
+    """Per preset: the results table and the settings; then the seed's claims beside ours."""
+    lines = [f"# GPT-2 variants, preset `{results['preset']}`", "",
+             f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in "
+             f"{results.get('elapsed_min', '–')} min. Cells: mean ± 95% half-width over seeds "
+             f"({results['interval']}); with one seed, throughput shows the range over timing "
+             f"rounds. × Std: mean per-seed ratio to the Standard row of the same preset, with "
+             f"the p-value of the {results['test']}, and whether the difference is beyond "
+             "seed noise.", ""]  # fmt: skip
+    for s in results["settings"]:
+        rows = [r for r in results["rows"] if r["preset"] == s["preset"]]
+        lines += [f"## Preset `{s['preset']}`", "", _intro(s, rows), "", *_table(rows), "",
+                  "Settings: `" + json.dumps(s) + "`", ""]  # fmt: skip
+    first = [r for r in results["rows"] if r["preset"] == results["settings"][0]["preset"]]
+    lines += [f"The seed's claims (source: {SEED_SOURCE}; the seed's own README is not "
+              "available offline) as ratios to its Standard row, beside this run's first "
+              "preset:", "", *_seed_comparison(first), ""]  # fmt: skip
+    return "\n".join(lines)

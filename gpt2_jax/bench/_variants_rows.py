@@ -29,8 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2_jax.bench._variants_presets import MULTIPLES
 from gpt2_jax.config import Config, config_from_dict
 from gpt2_jax.errors import UserError, cli_main
+
+MULTIPLES_KEYS = tuple(f"{k}x" for k in MULTIPLES)
+HEAD_CHUNK = 2048  # evaluation logits alive: [windows, 2048, vocab] at most
 
 # ------------------------------------------------------------------------------ measurements
 
@@ -104,6 +108,35 @@ def xla_train_step_bytes(cfg: Config) -> int:
     return int(total - ma.alias_size_in_bytes)
 
 
+def model_summary(m) -> dict:
+    """The model fields a row's table line needs."""
+    keys = ("n_layer", "n_head", "n_kv_head", "n_embd", "pos_embedding", "attention_window",
+            "attention_impl", "moe_experts", "moe_top_k", "moe_every", "dtype")  # fmt: skip
+    return {k: getattr(m, k) for k in keys}
+
+
+def val_ppl_at(model, val: np.ndarray, seq_len: int, eval_tokens: int | None, batch: int) -> dict:
+    """Validation perplexity with windows of k·seq_len for k in MULTIPLES, all over the same
+    tokens (the first `eval_tokens`, or all, cut to a multiple of the longest window); None
+    beyond max_seq_len for learned positions, which have no table there."""
+    from gpt2_jax.evaluate import evaluate
+
+    longest = MULTIPLES[-1] * seq_len
+    n = (len(val) if eval_tokens is None else min(eval_tokens, len(val))) // longest * longest
+    if n == 0:
+        raise UserError(f"the val split holds {len(val):,} tokens, fewer than one "
+                        f"{longest:,}-token window ({MULTIPLES[-1]}× seq_len)")  # fmt: skip
+    out = {}
+    for k in MULTIPLES:
+        if model.cfg.pos_embedding == "learned" and k * seq_len > model.cfg.max_seq_len:
+            out[f"{k}x"] = None
+            continue
+        res = evaluate(model, val[:n], seq_len=k * seq_len, batch_size=max(1, batch // k),
+                       show_progress=False, head_chunk=HEAD_CHUNK)  # fmt: skip
+        out[f"{k}x"] = res["perplexity"]
+    return out
+
+
 # --------------------------------------------------------------------------------- JAX rows
 
 
@@ -115,7 +148,6 @@ class JaxRow:
 
         from gpt2_jax.checkpoint import load_model_weights
         from gpt2_jax.data import TokenDataset
-        from gpt2_jax.evaluate import evaluate
         from gpt2_jax.kv_cache import bytes_per_token, cache_size
         from gpt2_jax.model import count_params
         from gpt2_jax.train import train
@@ -147,13 +179,7 @@ class JaxRow:
         say("evaluating perplexity")
         self.model = model = load_model_weights(out)
         val = np.asarray(TokenDataset(Path(cfg.data.prepared_dir) / "val.bin").tokens, np.int32)
-        val_eval = val[: spec["eval_tokens"]] if spec["eval_tokens"] else val
-        ppl = evaluate(model, val_eval, seq_len=t.seq_len, batch_size=spec["eval_batch"],
-                       show_progress=False)["perplexity"]  # fmt: skip
-        ppl_2x = None
-        if m.pos_embedding == "rope":  # a learned table ends at max_seq_len: no 2× exists
-            ppl_2x = evaluate(model, val_eval, seq_len=2 * t.seq_len, show_progress=False,
-                              batch_size=spec["eval_batch"])["perplexity"]  # fmt: skip
+        ppl_at = val_ppl_at(model, val, t.seq_len, spec["eval_tokens"], spec["eval_batch"])
         context, self.new, batch = spec["decode_context"], spec["decode_new"], spec["decode_batch"]
         plen = context - self.new
         self.prompt_BT = np.stack([val[i * plen : (i + 1) * plen] for i in range(batch)])
@@ -161,6 +187,7 @@ class JaxRow:
         self.time_decode()  # compile
         self._timing_setup(out)
         n_no_pos = count_params(model, matmul_only=True)
+        head = model.wte.embedding.size  # the LM head's matmul, tied or not: [V_pad, D]
         d = jax.devices()[0]
         device = _cpu_device() if d.platform == "cpu" else f"{d.platform}: {d.device_kind}"
         self.record = {
@@ -170,12 +197,15 @@ class JaxRow:
             "peak_rss_growth_bytes": rss_growth,
             "params": summary["params"],
             "params_no_pos": n_no_pos,
+            "active_params": n_no_pos,
+            "active_params_blocks": n_no_pos - head,
+            "model": model_summary(m),
             "train_tokens_per_sec_in_run": summary.get("tokens_per_sec"),
             "train_time_s": summary.get("train_time_s"),
             "kv_cache_bytes_per_token": bytes_per_token(m),
             "kv_cache_bytes_at_context": bytes_per_token(m) * cache_size(m, context),
-            "val_ppl": ppl,
-            "val_ppl_2x": ppl_2x,
+            "val_ppl": ppl_at["1x"],
+            "val_ppl_at": ppl_at,
             "val_curve": [[r["step"], r["val_loss"]] for r in records if "val_loss" in r],
             "unigram_baseline_loss": summary.get("unigram_baseline_loss"),
             "steps": summary["steps"],
@@ -308,8 +338,11 @@ class TorchRow:
             "train_tokens_per_sec_in_run": None,
             "kv_cache_bytes_per_token": None,
             "kv_cache_bytes_at_context": None,
+            "active_params": n_params - cfg.model.max_seq_len * cfg.model.n_embd,
+            "active_params_blocks": None,
+            "model": model_summary(cfg.model),
             "val_ppl": None,
-            "val_ppl_2x": None,
+            "val_ppl_at": dict.fromkeys(MULTIPLES_KEYS),
             "val_curve": [],
             "unigram_baseline_loss": None,
             "device": device,

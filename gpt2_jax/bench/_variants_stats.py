@@ -1,0 +1,197 @@
+"""Statistics over seeds for `python -m gpt2_jax.bench variants`, without scipy.
+
+Interval: the 95% Student-t interval of the mean, mean ± t_{0.975, n−1} · s / √n, with s the
+sample standard deviation (n − 1 in the denominator); none with one seed.
+
+Test: a row against Standard is a paired t-test across seeds on the per-seed differences
+(row − Standard), n − 1 degrees of freedom, two-sided, α = 0.05. Paired rather than Welch's
+because seed s gives every row the same batches in the same order and (interleaved timing) the
+same timing window, so what the rows share in a seed cancels in the difference instead of
+counting as noise. When every difference is equal (a deterministic metric such as XLA's
+memory analysis) the test degenerates: p = 0 if the difference is non-zero, else 1.
+
+The Student-t CDF is computed exactly through the regularized incomplete beta function
+(continued fraction, modified Lentz), its quantile by bisection on the CDF.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+ALPHA = 0.05
+LEVEL = 0.95
+INTERVAL = "95% Student-t interval of the mean over seeds: mean ± t(0.975, n−1)·s/√n"
+TEST = ("paired t-test across seeds on per-seed differences (row − Standard), n−1 dof, "
+        "two-sided, α = 0.05")  # fmt: skip
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of I_x(a, b), evaluated by the modified Lentz method."""
+    tiny, eps = 1e-300, 1e-15
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # fmt: skip
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= c * d
+        if abs(c * d - 1.0) < eps:
+            return h
+    raise ArithmeticError(f"incomplete beta did not converge for a={a}, b={b}, x={x}")
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b) for a, b > 0 and 0 ≤ x ≤ 1."""
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x must lie in [0, 1], got {x}")
+    if x in (0.0, 1.0):
+        return x
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x)
+                 + b * math.log1p(-x))  # fmt: skip
+    if x < (a + 1.0) / (a + b + 2.0):  # the fraction converges fast here
+        return math.exp(log_front) * _beta_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, dof: float) -> float:
+    """P(T ≤ t) for Student's t with `dof` degrees of freedom."""
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    tail = 0.5 * betainc(dof / 2.0, 0.5, dof / (dof + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_two_sided_p(t: float, dof: float) -> float:
+    """P(|T| ≥ |t|) for Student's t with `dof` degrees of freedom."""
+    if math.isinf(t):
+        return 0.0
+    return betainc(dof / 2.0, 0.5, dof / (dof + t * t))
+
+
+def t_quantile(p: float, dof: float) -> float:
+    """The t with P(T ≤ t) = p (bisection on `t_cdf` to 1e-12)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must lie in (0, 1), got {p}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, dof)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, dof) < p:
+        lo, hi = hi, 2.0 * hi
+    while hi - lo > 1e-12 * max(1.0, hi):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_cdf(mid, dof) < p else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def summary(values: Sequence[float | None]) -> dict:
+    """mean, sample std, the 95% t interval and its half-width, n and the raw values; std and
+    interval None for one value, everything but `values` None when a value is missing."""
+    vals = list(values)
+    out = {"mean": None, "std": None, "ci95": None, "half_width": None, "n": len(vals),
+           "values": vals}  # fmt: skip
+    if not vals or any(v is None for v in vals):
+        return out
+    n = len(vals)
+    mean = math.fsum(vals) / n
+    out["mean"] = mean
+    if n >= 2:
+        std = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1))
+        half = t_quantile(0.5 + LEVEL / 2, n - 1) * std / math.sqrt(n)
+        out.update(std=std, half_width=half, ci95=[mean - half, mean + half])
+    return out
+
+
+def paired_test(row: Sequence[float | None], base: Sequence[float | None]) -> dict:
+    """`TEST` of `row` against `base` (same seeds, same order), with the per-seed ratio
+    row / base summarised as `summary` does (`ratio`) and the verdict at α = 0.05."""
+    if len(row) != len(base):
+        raise ValueError(f"paired values need the same seeds, got {len(row)} and {len(base)}")
+    out = {"diff": summary([]), "ratio": summary([]), "t": None, "dof": None, "p": None,
+           "beyond_seed_noise": "n/a"}  # fmt: skip
+    if not row or any(v is None for v in [*row, *base]):
+        return out
+    diffs = [r - b for r, b in zip(row, base, strict=True)]
+    ratios = [r / b if b else None for r, b in zip(row, base, strict=True)]
+    out.update(diff=summary(diffs), ratio=summary(ratios))
+    n = len(diffs)
+    if n < 2:
+        return out
+    mean, std = out["diff"]["mean"], out["diff"]["std"]
+    if std == 0.0:  # every seed differs alike: no noise to test against (t is left None)
+        t, p = None, 0.0 if mean else 1.0
+    else:
+        t = mean / (std / math.sqrt(n))
+        p = t_two_sided_p(t, n - 1)
+    out.update(t=t, dof=n - 1, p=p, beyond_seed_noise="yes" if p < ALPHA else "no")
+    return out
+
+
+# ------------------------------------------------------------------------- rows over seeds
+
+# Measured per seed, summarised over seeds (a field missing from a record counts as None).
+METRICS = ("val_ppl", "train_tokens_per_sec", "decode_tokens_per_sec", "peak_train_bytes",
+           "peak_rss_growth_bytes", "mfu")  # fmt: skip
+COMPARED = ("val_ppl", "train_tokens_per_sec", "decode_tokens_per_sec", "peak_train_bytes")
+_PER_SEED = ("train_tokens_per_sec_rounds", "decode_tokens_per_sec_rounds", "load_avg_1m",
+             "train_time_s", "train_tokens_per_sec_in_run", "steps", "train_loss_last")  # fmt: skip
+
+
+def _curve(records: list[dict]) -> dict:
+    """The validation curve's mean and min–max band over seeds, at the steps all share."""
+    curves = [dict(map(tuple, r.get("val_curve") or [])) for r in records]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return {
+        "val_curve": [[s, math.fsum(c[s] for c in curves) / len(curves)] for s in steps],
+        "val_curve_band": [
+            [s, min(c[s] for c in curves), max(c[s] for c in curves)] for s in steps
+        ],
+        "val_curve_seeds": [r.get("val_curve") or [] for r in records],
+    }
+
+
+def aggregate(records: list[dict]) -> dict:
+    """One row from its per-seed records (same row, seeds in order): the first record's
+    fixed fields; per metric M: M (the mean), M_std, M_ci95 and M_seeds (raw); `val_ppl_at`
+    likewise per length; the curve's mean and band; the raw records as `runs`."""
+    first = records[0]
+    row = {k: v for k, v in first.items() if k not in (*METRICS, *_PER_SEED, "val_ppl_at",
+                                                      "val_curve", "seed")}  # fmt: skip
+    row["n_seeds"] = len(records)
+    row["train_seeds"] = [r.get("train_seed") for r in records]
+    row.pop("train_seed", None)
+    for m in METRICS:
+        s = summary([r.get(m) for r in records])
+        row.update({m: s["mean"], f"{m}_std": s["std"], f"{m}_ci95": s["ci95"],
+                    f"{m}_seeds": s["values"]})  # fmt: skip
+    at = [r.get("val_ppl_at") or {} for r in records]
+    keys = list(at[0])
+    per_k = {k: summary([a.get(k) for a in at]) for k in keys}
+    row["val_ppl_at"] = {k: s["mean"] for k, s in per_k.items()}
+    row["val_ppl_at_ci95"] = {k: s["ci95"] for k, s in per_k.items()}
+    row["val_ppl_at_seeds"] = {k: s["values"] for k, s in per_k.items()}
+    row.update(_curve(records))
+    for k in ("train_tokens_per_sec_rounds", "decode_tokens_per_sec_rounds"):
+        row[k] = [r.get(k) or [] for r in records]
+    row["runs"] = records
+    return row
+
+
+def compare_to_standard(rows: list[dict]) -> None:
+    """Add `vs_standard` (per COMPARED metric, `paired_test` against the Standard JAX row of
+    the same preset; torch peers: training tokens/s only; None for that row itself or
+    without one) to every row."""
+    for row in rows:
+        std = next((r for r in rows if r["key"] == "standard" and r["preset"] == row["preset"]),
+                   None)  # fmt: skip
+        if std is None or row is std:
+            row["vs_standard"] = None
+            continue
+        # A torch peer's memory is measured another way (RSS) and it is not evaluated.
+        metrics = COMPARED if row["kind"] == "jax" else ("train_tokens_per_sec",)
+        row["vs_standard"] = {m: paired_test(row[f"{m}_seeds"], std[f"{m}_seeds"])
+                              for m in metrics}  # fmt: skip
