@@ -202,8 +202,8 @@ def _row(key, preset, **seeds):
     return row
 
 
-def _run(preset, seq_len, rows):
-    s = {"preset": preset, "what": preset, "seeds": 3, "rows": [r["key"] for r in rows],
+def _run(preset, seq_len, rows, seeds=3):
+    s = {"preset": preset, "seeds": seeds, "rows": [r["key"] for r in rows],
          "seq_len": seq_len, "steps": 10}  # fmt: skip
     return {"interval": "95% t", "settings": [s], "rows": rows}
 
@@ -220,13 +220,19 @@ def test_findings_from_two_runs():
     quality["rows"][1]["val_ppl_at_seeds"] = {"1x": [133.0, 134.0, 136.0],
                                               "2x": [134.0, 135.0, 137.0]}  # fmt: skip
     long = _run("long", 4096, [
-        _row("standard", "long", train_tokens_per_sec=[800.0, 820.0, 790.0]),
-        _row("swa", "long", train_tokens_per_sec=[1450.0, 1500.0, 1420.0]),
-    ])  # fmt: skip
+        _row("standard", "long", train_tokens_per_sec=[800.0, 820.0]),
+        _row("swa", "long", train_tokens_per_sec=[1450.0, 1500.0]),
+        _row("rope", "long", peak_train_bytes=[200.0] * 2),
+        _row("rope_gqa", "long", peak_train_bytes=[148.0] * 2),
+    ], seeds=2)  # fmt: skip
     verdicts = [f["verdict"] for f in findings([quality])]
     assert verdicts == ["refuted", "not visible", "confirmed"]  # memory cut 1%, no long run
+    # Memory and throughput from the longest context; quality from the most seeds.
     both = findings([quality, long])
-    assert [f["verdict"] for f in both] == ["refuted", "confirmed", "confirmed"]
+    assert [f["verdict"] for f in both] == ["confirmed", "confirmed", "confirmed"]
+    gqa_memory, gqa_quality = both[0]["parts"]
+    assert "preset long" in gqa_memory["experiment"] and gqa_memory["ratio"]["mean"] == 0.74
+    assert "preset quality" in gqa_quality["experiment"]
     assert "preset long" in both[1]["parts"][0]["experiment"]
     # 0.14 nats under the unigram baseline: still in early learning.
     early = _run(
@@ -256,6 +262,26 @@ def test_moe_depth_matches_active_parameters(tmp_path):
     assert abs(a - b) < 0.01 * a  # only biases, LayerNorms and the router differ (O(D))
     with pytest.raises(UserError, match="n_layer=4 has none"):
         row_config("cpu", "moe", [], tmp_path)
+
+
+def test_gpu_chain_adds_long_context_rows(tmp_path):
+    """--preset gpu runs gpu, then gpu-long: T 4096, window 256, every row; checked up front."""
+    from gpt2_jax.bench._variants_presets import preset_chain
+
+    assert preset_chain("gpu") == ["gpu", "gpu-long"]
+    a = variants.parse_args(["--preset", "gpu", "--seeds", "2", "--peers", "none"])
+    s = variants._settings("gpu-long", ["standard", "swa", "moe"], [], a, tmp_path)
+    assert (s["seq_len"], s["window"], s["seeds"], s["budget"]["estimate_min"]) == (
+        4096,
+        256,
+        2,
+        None,
+    )
+    swa = row_config("gpu-long", "swa", [], tmp_path).model
+    assert (swa.max_seq_len, swa.attention_window, swa.n_layer) == (4096, 256, 12)
+    moe = row_config("gpu", "moe", [], tmp_path, seed=2)
+    assert (moe.model.n_layer, moe.model.moe_every, moe.model.scan_layers) == (10, 3, False)
+    assert moe.train.out_dir.endswith("gpu/moe-seed2")
 
 
 def test_budgets_fit_the_cost_model(tmp_path):

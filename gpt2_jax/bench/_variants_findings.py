@@ -18,8 +18,9 @@ the per-seed ratio, summarised by its 95% Student-t interval [lo, hi] over seeds
   about long contexts: it needs seq_len ≥ 2048.
 
 A claim is refuted when a part is refuted, confirmed when every part is, else not visible at
-this scale. Where several runs can test a part, the one with the most seeds (then the longest
-seq_len) is used.
+this scale. Where several runs can test a part, a memory or throughput part uses the one with
+the longest seq_len (then the most seeds), where attention weighs most; a quality part the one
+with the most seeds (then the longest seq_len).
 """
 
 from __future__ import annotations
@@ -85,7 +86,6 @@ def _candidates(results: list[dict], pairs, need: str | None) -> tuple[list, lis
                     why.append(f"{s['preset']}: {text}")
                     continue
             found.append((s, by_key[pair[0]], by_key[pair[1]]))
-    found.sort(key=lambda c: (c[0]["seeds"], c[0]["seq_len"]), reverse=True)
     return found, why
 
 
@@ -132,6 +132,8 @@ def check_part(results: list[dict], part) -> dict:
     """One part's experiment, result and verdict."""
     label, pairs, metric, kind, value, need = part
     found, why = _candidates(results, pairs, need)
+    cost = metric in ("peak_train_bytes", "train_tokens_per_sec")
+    found.sort(key=lambda c: (c[0]["seq_len"], c[0]["seeds"])[:: 1 if cost else -1], reverse=True)
     if not found:
         return {"label": label, "experiment": "none possible", "result": "–",
                 "verdict": "not visible", "rule": "; ".join(why) or "no run"}  # fmt: skip

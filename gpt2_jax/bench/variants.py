@@ -315,15 +315,11 @@ def _settings(name: str, keys: list[str], peers: list[str], a, work: Path) -> di
     }  # fmt: skip
 
 
-def run_preset(name: str, a, work: Path, first: bool) -> tuple[list[dict], dict]:
-    """Every seed of one preset: the aggregated rows and the settings."""
+def run_preset(settings: dict, a, work: Path) -> list[dict]:
+    """Every seed of one preset (`_settings`): the aggregated rows; adds the elapsed time."""
     from gpt2_jax.data import prepare_source
 
-    p = PRESETS[name]
-    keys = a.rows or list(p.rows)
-    peers = a.peers if first else []
-    _check_device(name)
-    settings = _settings(name, keys, peers, a, work)
+    name, keys, peers = settings["preset"], settings["rows"], settings["peers"]
     b = settings["budget"]
     say(f"{name}: {settings['seeds']} seed(s) × {len(keys)} rows; budget "
         f"{b['stated_min'] or '–'} min, estimate {b['estimate_min'] or '–'} min")  # fmt: skip
@@ -340,18 +336,18 @@ def run_preset(name: str, a, work: Path, first: bool) -> tuple[list[dict], dict]
     per_seed = [run_seed(_specs(name, keys, peers, a, work, s), name, a, work)
                 for s in range(settings["seeds"])]  # fmt: skip
     settings["budget"]["elapsed_min"] = round((time.perf_counter() - t0) / 60, 1)
-    rows = [aggregate([records[i] for records in per_seed]) for i in range(len(per_seed[0]))]
-    return rows, settings
+    return [aggregate([records[i] for records in per_seed]) for i in range(len(per_seed[0]))]
 
 
 def run_all(a: argparse.Namespace, work: Path) -> dict:
-    """The results object: every preset of the chain, rows compared within their preset."""
-    rows: list[dict] = []
-    settings: list[dict] = []
+    """The results object: every preset of the chain (all checked before any trains), rows
+    compared within their preset."""
+    settings = []
     for i, name in enumerate(preset_chain(a.preset)):
-        r, s = run_preset(name, a, work, first=i == 0)
-        rows += r
-        settings.append(s)
+        _check_device(name)
+        keys = a.rows or list(PRESETS[name].rows)
+        settings.append(_settings(name, keys, a.peers if i == 0 else [], a, work))
+    rows = [row for s in settings for row in run_preset(s, a, work)]
     compare_to_standard(rows)
     return {"preset": a.preset, "seeds": settings[0]["seeds"], "interval": INTERVAL,
             "test": TEST, "settings": settings, "rows": rows}  # fmt: skip
