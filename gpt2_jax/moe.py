@@ -23,6 +23,7 @@ of every token's output, summed back with one reduce-scatter.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -151,9 +152,7 @@ def resolve_impl(impl: str) -> str:
 
 def apply_experts(x_BTD, idx_BTK, w_BTK, slot_BTK, weights, *, impl: str, capacity):
     """Σ_j w · expert_j(x) in fp32 [B, T, D]; under a mesh, experts split over `expert`."""
-    local = lambda x, idx, w, slot, weights, first: _local_experts(  # noqa: E731
-        x, idx, w, slot, weights, first, impl=impl, capacity=capacity
-    )
+    local = functools.partial(_local_experts, impl=impl, capacity=capacity)
     active = sharding.active()
     if active is None:
         return local(x_BTD, idx_BTK, w_BTK, slot_BTK, weights, 0)
