@@ -205,7 +205,10 @@ def _layer_weights(seed: int = 0) -> dict[str, np.ndarray]:
     """O(1)-output weights with non-zero biases (the init's are zero)."""
     rng = np.random.default_rng(seed)
     D, F_ = LAYER.n_embd, 4 * LAYER.n_embd
-    normal = lambda *s, std: (std * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
+
+    def normal(*shape: int, std: float) -> np.ndarray:
+        return (std * rng.standard_normal(shape)).astype(np.float32)
+
     return dict(
         router=normal(D, E, std=0.5),
         w1=normal(E, D, F_, std=D**-0.5),

@@ -271,7 +271,10 @@ def targets(records: list[dict]) -> str:
         return ""
     growth = rows[-1]["vs_first_experts"]
     worst = max(rows, key=lambda r: r["vs_mlp"])
-    ok = lambda v, t: "met" if v <= t else "NOT met"  # noqa: E731
+
+    def ok(value: float, target: float) -> str:
+        return "met" if value <= target else "NOT met"
+
     return (f"targets, grouped: E={rows[-1]['experts']} / E={rows[0]['experts']} = {growth:.2f}× "
             f"(≤ {TARGET_GROWTH}×: {ok(growth, TARGET_GROWTH)}); worst / dense-equal MLP = "
             f"{worst['vs_mlp']:.2f}× at E={worst['experts']} (≤ {TARGET_VS_MLP}×: "
