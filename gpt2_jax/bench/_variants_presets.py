@@ -90,15 +90,15 @@ PRESETS = {
         what="quick: 4 × 128, T 256, 50 steps (2-core CPU)",
         budget_min=15,
     ),
-    # Past early learning: 220 steps × 2048 tokens = 451k tokens per row (the default run,
-    # configs/default.yaml, is at val loss ≈ 4.86 there, 1.3 nats under the unigram baseline;
-    # it ends at 4.66 after 819k tokens, which 12 runs cannot afford in 75 min). 5 layers so that
-    # the moe row has an equal-active depth (3). Estimated 71 min for the default rows.
+    # Past early learning: 200 steps × 2048 tokens = 410k tokens per row (the default run,
+    # configs/default.yaml, is at val loss ≈ 4.9 there, 1.2 nats under the unigram baseline;
+    # it ends at 4.66 after 819k tokens, which 21 runs cannot afford in 75 min). Every row,
+    # each change alone included; 5 layers so that the moe row has an equal-active depth (3).
     "quality": Preset(
         overrides=_overrides(
             _SMALL + "model.n_layer=5 model.max_seq_len=256 train.seq_len=256 "
-            "train.batch_size=8 train.max_steps=220 train.warmup_steps=22 train.lr=3e-3 "
-            "train.min_lr=3e-4 train.eval_every=22 train.eval_steps=4 train.log_every=10"
+            "train.batch_size=8 train.max_steps=200 train.warmup_steps=20 train.lr=3e-3 "
+            "train.min_lr=3e-4 train.eval_every=20 train.eval_steps=4 train.log_every=10"
         ),
         eval_tokens=16384,
         eval_batch=8,
@@ -109,12 +109,13 @@ PRESETS = {
         round_steps=3,
         seeds=3,
         budget_min=75,
-        what="5 × 128, T 256, 220 steps = 451k tokens (2-core CPU)",
+        rows=tuple(ROWS),
+        what="5 × 128, T 256, 200 steps = 410k tokens (2-core CPU)",
     ),
     # Attention a large share of the step: T 4096, window 256, the blocked backend (by the cost
     # model below ≈ 50% of a full-attention step, 11% of a windowed one; T 2048 would give 34%).
     # 20 steps: throughput, memory and decode at long context; the perplexities are of early
-    # learning. Rows one at a time (memory). Estimated 33 min; a third seed would pass 45.
+    # learning. Rows one at a time (memory).
     "long": Preset(
         overrides=_overrides(
             _SMALL + "model.n_layer=5 model.max_seq_len=4096 model.attention_impl=blocked "
@@ -133,7 +134,7 @@ PRESETS = {
         window=256,
         budget_min=45,
         sequential=True,
-        rows=("standard", "swa", "rope", "rope_gqa", "rope_gqa_swa"),
+        rows=("standard", "swa", "gqa", "rope", "rope_gqa", "rope_gqa_swa"),
         what="5 × 128, T 4096, window 256, blocked attention, 20 steps (2-core CPU)",
     ),
     # The 124M configs at seq_len 1024 in bf16 on one GPU (≈ 20 min per seed on an H100,
@@ -265,8 +266,8 @@ def preset_chain(name: str) -> list[str]:
 # - ROW_FIXED_S per row and seed (process start, memory analysis, decode): the cpu preset's
 #   9.0 min wall less its rows' train() time and its timing rounds, per process (≈ 21 s; its
 #   torch peers included); and EVAL_COMPILE_S per evaluated length.
-CPU_PARAM_S = 1.20 / 2048 / 7.22e6
-CPU_KEY_S = 60e-9
+CPU_PARAM_S = 0.66 / 2048 / 7.42e6
+CPU_KEY_S = 35e-9
 ROW_FIXED_S = 21.0
 EVAL_COMPILE_S = 3.0
 
