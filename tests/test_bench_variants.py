@@ -41,7 +41,8 @@ def tiny(tmp_path_factory, prepared_shakespeare):
 
 
 def test_rows_and_fields(tiny):
-    _, res = tiny
+    out, res = tiny
+    assert not (out / "variants.partial.json").exists()  # removed once variants.json is written
     assert res["seeds"] == 2 and "Student-t" in res["interval"] and "paired" in res["test"]
     assert [s["preset"] for s in res["settings"]] == ["tiny"]
     names = [r["name"] for r in res["rows"]]
@@ -343,3 +344,25 @@ def test_bad_flags_one_line(argv, message, capsys, tmp_path):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_interrupted_study_keeps_finished_seeds(monkeypatch, tmp_path, prepared_shakespeare):
+    """A crash in seed 1 leaves seed 0's raw records in variants.partial.json, no variants.json."""
+    calls = []
+
+    def fake_run_seed(specs, name, a, work):
+        calls.append(specs[0]["seed"])
+        if specs[0]["seed"] == 1:
+            raise KeyboardInterrupt
+        return [{"key": s["key"], "seed": s["seed"], "val_ppl": 100.0} for s in specs]
+
+    monkeypatch.setattr(variants, "run_seed", fake_run_seed)
+    out = tmp_path / "out"
+    argv = ["--preset", "tiny", "--seeds", "3", "--rows", "standard,rope", "--peers", "none",
+            "--out", str(out), f"data.prepared_dir={prepared_shakespeare}"]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        variants.main(argv)
+    assert calls == [0, 1] and not (out / "variants.json").exists()
+    kept = json.loads((out / "variants.partial.json").read_text())["tiny"]
+    assert kept["settings"]["rows"] == ["standard", "rope"]
+    assert [[r["key"] for r in seed] for seed in kept["seeds"]] == [["standard", "rope"]]

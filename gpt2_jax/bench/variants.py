@@ -32,7 +32,8 @@ Writes DIR/variants.json, DIR/variants.md (the tables), DIR/findings.md (each cl
 experiment, our result and a verdict: `_variants_findings`) and DIR/variants_{val_loss,
 extrapolation,throughput,memory}.png, where DIR is `--out` or else a new folder
 bench_out/variants-<YYYYmmdd-HHMMSS>/ named on stderr; training runs go to a temporary
-directory.
+directory. While it runs, DIR/variants.partial.json holds the raw records of every finished
+seed (removed once variants.json is written), so an interrupted study keeps them.
 """
 
 from __future__ import annotations
@@ -333,10 +334,25 @@ def run_preset(settings: dict, a, work: Path) -> list[dict]:
     prepare_source(std.data, Path(std.data.prepared_dir), show_progress=False,
                    seq_len=MULTIPLES[-1] * std.train.seq_len + 1)  # fmt: skip
     t0 = time.perf_counter()
-    per_seed = [run_seed(_specs(name, keys, peers, a, work, s), name, a, work)
-                for s in range(settings["seeds"])]  # fmt: skip
+    per_seed = []
+    for s in range(settings["seeds"]):
+        per_seed.append(run_seed(_specs(name, keys, peers, a, work, s), name, a, work))
+        _save_partial(a, settings, per_seed)
     settings["budget"]["elapsed_min"] = round((time.perf_counter() - t0) / 60, 1)
     return [aggregate([records[i] for records in per_seed]) for i in range(len(per_seed[0]))]
+
+
+def _save_partial(a: argparse.Namespace, settings: dict, per_seed: list[list[dict]]) -> None:
+    """Keep every finished seed's raw records in `a.partial` (if set), so that a crash or an
+    interrupt hours into a study loses only the seed in progress."""
+    path = getattr(a, "partial", None)
+    if path is None:
+        return
+    done = json.loads(path.read_text()) if path.exists() else {}
+    done[settings["preset"]] = {"settings": settings, "seeds": per_seed}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(done, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def run_all(a: argparse.Namespace, work: Path) -> dict:
@@ -381,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         raise UserError(f"--out {str(out)!r} cannot be created ({e.strerror})") from None
     t0 = time.perf_counter()
+    a.partial = out / "variants.partial.json"
+    a.partial.unlink(missing_ok=True)
     if a.work_dir:
         Path(a.work_dir).mkdir(parents=True, exist_ok=True)
         results = run_all(a, Path(a.work_dir))
@@ -389,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             results = run_all(a, Path(tmp))
     results["elapsed_min"] = round((time.perf_counter() - t0) / 60, 1)
     (out / "variants.json").write_text(json.dumps(results, indent=1) + "\n")
+    a.partial.unlink()
     table = markdown(results)
     (out / "variants.md").write_text(table)
     for path in [*plots(results, out), write_findings([results], out)]:
