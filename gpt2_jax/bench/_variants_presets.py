@@ -256,17 +256,18 @@ def preset_chain(name: str) -> list[str]:
     return names
 
 
-# CPU cost model (fp32, 2 cores), from this project's measurements:
-# - a training token costs CPU_PARAM_S per active matmul weight outside attention: the cpu
-#   preset's committed run (docs/bench/variants, 2026-12-01, idle) took 1.25 s per 2048-token
-#   step (Standard, in-run median 1,640 tok/s) at 7.22M weights, of which ≈ 0.05 s attention;
-# - and CPU_KEY_S per layer per attended key (T/2 keys full-causal, w windowed): step times
-#   of the blocked backend at T 2048 and 4096, full against window 256, timed alternately
-#   on the same 2-core CPU under load 2–4 (55–85 ns) and taken at the loaded end, 60 ns;
+# CPU cost model (fp32, 2 cores), fitted on the 2-core Intel Xeon (Sapphire Rapids) of
+# 2026-12-02, where the quality and long presets were run (BENCHMARKS.md, issue 15):
+# - a training token costs CPU_PARAM_S per active matmul weight outside attention: the quality
+#   preset's Standard row trained at 2,800 tok/s (0.73 s per 2048-token step) at 7.42M
+#   weights, of which ≈ 0.05 s attention; the 2-core AMD EPYC of 2026-12-01 took 1.20 s per
+#   step for 7.22M, ≈ 1.7× as long, so there every estimate grows by that factor;
+# - and CPU_KEY_S per layer per attended key (T/2 keys full-causal, w windowed): the AMD's
+#   blocked-backend steps at T 2048 and 4096 (full against window 256) gave 55–85 ns, scaled
+#   by the same factor;
 # - an evaluated token costs a third of a training token (forward only);
-# - ROW_FIXED_S per row and seed (process start, memory analysis, decode): the cpu preset's
-#   9.0 min wall less its rows' train() time and its timing rounds, per process (≈ 21 s; its
-#   torch peers included); and EVAL_COMPILE_S per evaluated length.
+# - ROW_FIXED_S per row and seed (process start, compilation, memory analysis, decode): the
+#   quality rows' wall time less their training (25–45 s); EVAL_COMPILE_S per evaluated length.
 CPU_PARAM_S = 0.72 / 2048 / 7.42e6
 CPU_KEY_S = 35e-9
 ROW_FIXED_S = 35.0
