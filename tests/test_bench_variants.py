@@ -366,3 +366,9 @@ def test_interrupted_study_keeps_finished_seeds(monkeypatch, tmp_path, prepared_
     kept = json.loads((out / "variants.partial.json").read_text())["tiny"]
     assert kept["settings"]["rows"] == ["standard", "rope"]
     assert [[r["key"] for r in seed] for seed in kept["seeds"]] == [["standard", "rope"]]
+    # Running again into the same --out refuses in one line and keeps those seeds.
+    before = (out / "variants.partial.json").read_text()
+    with pytest.raises(SystemExit) as e:
+        variants.main(argv)
+    assert e.value.code == 2 and calls == [0, 1]
+    assert (out / "variants.partial.json").read_text() == before

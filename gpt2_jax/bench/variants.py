@@ -33,7 +33,8 @@ experiment, our result and a verdict: `_variants_findings`) and DIR/variants_{va
 extrapolation,throughput,memory}.png, where DIR is `--out` or else a new folder
 bench_out/variants-<YYYYmmdd-HHMMSS>/ named on stderr; training runs go to a temporary
 directory. While it runs, DIR/variants.partial.json holds the raw records of every finished
-seed (removed once variants.json is written), so an interrupted study keeps them.
+seed (removed once variants.json is written), so an interrupted study keeps them; a new
+study refuses an --out that still holds one.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def _build_parser() -> ArgParser:
         metavar="section.key=value",
         help="config overrides applied to every row after the preset",
     )
+    p.set_defaults(partial=None)  # main: where finished seeds are kept while a study runs
     return p
 
 
@@ -345,7 +347,7 @@ def run_preset(settings: dict, a, work: Path) -> list[dict]:
 def _save_partial(a: argparse.Namespace, settings: dict, per_seed: list[list[dict]]) -> None:
     """Keep every finished seed's raw records in `a.partial` (if set), so that a crash or an
     interrupt hours into a study loses only the seed in progress."""
-    path = getattr(a, "partial", None)
+    path = a.partial
     if path is None:
         return
     done = json.loads(path.read_text()) if path.exists() else {}
@@ -398,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--out {str(out)!r} cannot be created ({e.strerror})") from None
     t0 = time.perf_counter()
     a.partial = out / "variants.partial.json"
-    a.partial.unlink(missing_ok=True)
+    if a.partial.exists():  # an interrupted study's seeds: never overwrite them
+        raise UserError(f"{a.partial} holds the seeds of an interrupted study; move it away "
+                        "or pass another --out")  # fmt: skip
     if a.work_dir:
         Path(a.work_dir).mkdir(parents=True, exist_ok=True)
         results = run_all(a, Path(a.work_dir))
