@@ -174,9 +174,11 @@ class Trainer:
 
         zero = jnp.zeros((), jnp.float32)
         sums = {"loss": zero, **{k: zero for k in self.stat_names}}
-        (sums, grad_sum), _ = jax.lax.scan(
-            micro, (sums, zeros), (jnp.arange(A), split(x_BT), split(y_BT))
-        )
+        inputs = (jnp.arange(A), split(x_BT), split(y_BT))
+        if A == 1:  # no loop, so XLA folds the zero sums away: no zero fill, no gradient add
+            (sums, grad_sum), _ = micro((sums, zeros), jax.tree.map(lambda a: a[0], inputs))
+        else:
+            (sums, grad_sum), _ = jax.lax.scan(micro, (sums, zeros), inputs)
         if R > 1:
             grad_sum = sharding.sum_replicas(grad_sum, self.param_specs, self.mesh)
         means = {k: v / (A * R) for k, v in sums.items()}
@@ -194,14 +196,20 @@ class Trainer:
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        def apply(_):
+            updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), new_opt
+
         # A non-finite update is never applied; the host stops or counts it (skip_nonfinite).
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        # A cond, not a select of new against old: the select read and wrote every parameter
+        # and moment once more, which doubled the optimizer's time on CPU (BENCHMARKS.md).
+        params, opt_state = jax.lax.cond(
+            finite, apply, lambda _: (state.params, state.opt_state), None
+        )
         new_state = TrainState(
             step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             skipped=state.skipped + (~finite).astype(jnp.int32),
         )
         metrics = {
