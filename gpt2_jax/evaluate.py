@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from gpt2_jax import host_malloc
 from gpt2_jax.config import DTYPES, DataConfig
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 from gpt2_jax.generate import check_compute_dtype
@@ -450,4 +451,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host_malloc.tune()  # before jax starts its threads
     sys.exit(main())

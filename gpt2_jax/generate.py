@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2_jax import host_malloc
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 from gpt2_jax.kv_cache import (
@@ -470,4 +471,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host_malloc.tune()  # before jax starts its threads
     raise SystemExit(main())

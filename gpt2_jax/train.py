@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gpt2_jax import distributed, sharding
+from gpt2_jax import distributed, host_malloc, sharding
 from gpt2_jax.checkpoint import Checkpointer
 from gpt2_jax.config import Config, ConfigError, dump_yaml, load_config
 from gpt2_jax.errors import ArgParser, cli_main, notice
@@ -259,4 +259,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host_malloc.tune()  # before jax starts its threads
     raise SystemExit(main())

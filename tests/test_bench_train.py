@@ -25,6 +25,17 @@ def test_bench_train_json_records(capsys):
     ]
 
 
+def test_bench_train_peers_run_in_workers_with_each_malloc(capsys):
+    argv = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "2"]
+    argv += ["--seq-len", "16", "--steps", "1", "--rounds", "1", "--peers", "hf"]
+    assert bench.main([*argv, "--peer-malloc", "default,tuned", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["name"] for r in records] == ["gpt2_jax", "hf", "hf+tuned-malloc"]
+    # ours runs in this (pytest) process, which never called host_malloc.tune()
+    assert [r["host_malloc"] for r in records] == ["default", "default", "tuned"]
+    assert all(r["step_ms"] > 0 for r in records)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [(["--peers", "hf,flash"], "unknown peer 'flash'"), (["--n-embd", "30"], "divisible"),
@@ -34,7 +45,9 @@ def test_bench_train_json_records(capsys):
      (["--profile", "pyproject.toml"], "is a file; pass a directory"),
      (["--loss-impl", "full,fused"], "unknown loss impl 'fused'"),
      (["--loss-chunk", "0"], "--loss-chunk must be positive"),
-     (["--layouts", "rolled"], "--layouts takes a comma-separated subset")],
+     (["--layouts", "rolled"], "--layouts takes a comma-separated subset"),
+     (["--peer-malloc", "fast"], "--peer-malloc takes a comma-separated subset"),
+     (["--peer-malloc", "none"], "--peer-malloc takes default, tuned or both")],
 )  # fmt: skip
 def test_bench_train_bad_flags_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

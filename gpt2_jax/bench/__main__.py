@@ -7,6 +7,7 @@ import pkgutil
 import sys
 
 import gpt2_jax.bench as bench_pkg
+from gpt2_jax import host_malloc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,4 +21,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host_malloc.tune()  # before jax starts its threads
     raise SystemExit(main())

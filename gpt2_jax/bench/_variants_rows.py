@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2_jax import host_malloc
 from gpt2_jax.bench._variants_presets import MULTIPLES
 from gpt2_jax.config import Config, config_from_dict
 from gpt2_jax.errors import UserError, cli_main
@@ -428,4 +429,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host_malloc.tune()  # before jax starts its threads
     raise SystemExit(main())

@@ -3,7 +3,7 @@
     python -m gpt2_jax.bench train [--n-layer 4[,8,...]] [--n-head 4] [--n-embd 256]
         [--batch-size 8] [--seq-len 256] [--steps 10] [--rounds 3] [--peers hf,torch_ref]
         [--shapes] [--attention-impl auto] [--loss-impl full[,chunked]] [--loss-chunk 128]
-        [--layouts unrolled[,scanned]] [--profile DIR] [--json]
+        [--layouts unrolled[,scanned]] [--peer-malloc default[,tuned]] [--profile DIR] [--json]
 
 `--n-layer` takes a comma list: one row per depth, so the per-layer cost shows as the
 difference between rows. `--shapes` runs the fixed set SHAPES instead (issue 16's table:
@@ -12,6 +12,12 @@ d 256, 8 heads, B 8, T 256 at 1, 4 and 8 layers; then GPT-2 small's block shape,
 `--loss-impl` and `--layouts` (`model.scan_layers`) take comma lists too: each combination is
 a contender of its own (`gpt2_jax:<layout>,<impl>` naming what varies), all in the same
 rounds; the first is "ours".
+
+Each torch peer runs in a worker process of its own, with glibc's allocator as torch users
+get it (`--peer-malloc default`) or with the settings our entry points apply
+(`gpt2_jax.host_malloc`, `--peer-malloc tuned`); a comma list runs each peer both ways. Ours
+runs in this process, with whatever `python -m gpt2_jax.bench` set (tuned unless
+GPT2_JAX_HOST_MALLOC=default); the header says which.
 
 Every contender trains the same GPT-2 shape (fp32, no dropout, AdamW with the same
 hyper-parameters, global-norm clipping 1.0) on the same random tokens. Time per step is the
@@ -27,6 +33,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +51,46 @@ SHAPES = tuple(
     for values in ((1, 8, 256, 8, 256), (4, 8, 256, 8, 256), (8, 8, 256, 8, 256),
                    (4, 12, 768, 4, 256))
 )  # fmt: skip
+
+
+MALLOCS = ("default", "tuned")
+
+
+def _set_torch_threads() -> None:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+
+
+class _PeerWorker:
+    """A torch peer built and timed in a child process (`gpt2_jax.bench._peer_worker`)."""
+
+    def __init__(self, kind: str, args, tokens_BT: np.ndarray, malloc: str):
+        shape = {k: getattr(args, k) for k in (*SHAPE_KEYS, "seq_len")}
+        spec = {"kind": kind, "args": shape, "tokens": tokens_BT.tolist(),
+                "tuned_malloc": malloc == "tuned"}  # fmt: skip
+        env = dict(os.environ, GPT2_JAX_HOST_MALLOC=malloc)
+        cmd = [sys.executable, "-m", "gpt2_jax.bench._peer_worker"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)  # fmt: skip
+        self._send(json.dumps(spec))
+        if self._receive() != "ready":
+            raise UserError(f"the {kind} peer's worker process failed (its error is above)")
+
+    def _send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def _receive(self) -> str:
+        return self.proc.stdout.readline().strip()
+
+    def timed(self, n: int) -> float:
+        self._send(str(n))
+        return float(self._receive())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def _timed(step: Callable[[], None], sync: Callable[[], None], n: int) -> float:
@@ -133,12 +180,11 @@ def _torch(kind: str, args, tokens_BT: np.ndarray):
 
 def run(args) -> list[dict]:
     import jax
-    import torch
 
+    from gpt2_jax import host_malloc
     from gpt2_jax.config import ModelConfig
     from gpt2_jax.metrics import flops_per_token, measure_cpu_matmul_flops
 
-    torch.set_num_threads(os.cpu_count() or 1)
     cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                       max_seq_len=args.seq_len)  # fmt: skip
     d, v, t = cfg.n_embd, cfg.vocab_size, args.seq_len
@@ -151,24 +197,36 @@ def run(args) -> list[dict]:
             lists = ((layout, args.layouts), (impl, args.loss_impl))
             varied = ",".join(x for x, xs in lists if len(xs) > 1)
             ours[f"gpt2_jax:{varied}" if varied else "gpt2_jax"] = (layout, impl)
-    names = [*ours, *args.peers]
+    ours_malloc = "tuned" if host_malloc.tuned() else "default"
+    peers = {p if m == args.peer_malloc[0] else f"{p}+{m}-malloc": (p, m)
+             for p in args.peers for m in args.peer_malloc}  # fmt: skip
+    names = [*ours, *peers]
     print(f"building {', '.join(names)} (compiling / warming up)", file=sys.stderr)
-    runners = {n: _ours(args, tokens_BT, impl, layout == "scanned")
-               for n, (layout, impl) in ours.items()}  # fmt: skip
-    runners |= {p: _torch(p, args, tokens_BT) for p in args.peers}
-    step_s: dict[str, list[float]] = {n: [] for n in names}
-    peaks = []
-    for r in range(args.rounds):
-        peaks.append(measure_cpu_matmul_flops())
-        for name in names:
-            step_s[name].append(_timed(*runners[name], args.steps))
-        done = ", ".join(f"{n} {1e3 * step_s[n][-1]:.0f} ms" for n in names)
-        print(f"round {r + 1}/{args.rounds}: {done}", file=sys.stderr)
+    runners = {}
+    for n, (layout, impl) in ours.items():
+        step, sync = _ours(args, tokens_BT, impl, layout == "scanned")
+        runners[n] = lambda k, step=step, sync=sync: _timed(step, sync, k)
+    workers = []
+    try:
+        for n, (kind, malloc) in peers.items():
+            workers.append(_PeerWorker(kind, args, tokens_BT, malloc))
+            runners[n] = workers[-1].timed
+        step_s: dict[str, list[float]] = {n: [] for n in names}
+        peaks = []
+        for r in range(args.rounds):
+            peaks.append(measure_cpu_matmul_flops())
+            for name in names:
+                step_s[name].append(runners[name](args.steps))
+            done = ", ".join(f"{n} {1e3 * step_s[n][-1]:.0f} ms" for n in names)
+            print(f"round {r + 1}/{args.rounds}: {done}", file=sys.stderr)
+    finally:
+        for worker in workers:
+            worker.close()
     peak = statistics.median(peaks)
     if args.profile:  # after the timed rounds, so tracing never slows a timed step
         trace_dir = Path(args.profile) / f"L{args.n_layer}-d{args.n_embd}-h{args.n_head}"
         with jax.profiler.trace(str(trace_dir)):
-            _timed(*runners[names[0]], args.steps)
+            runners[names[0]](args.steps)
         print(f"jax.profiler trace of {args.steps} steps in {trace_dir}/", file=sys.stderr)
     records = []
     for name in names:
@@ -180,8 +238,9 @@ def run(args) -> list[dict]:
             "batch_size": args.batch_size, "seq_len": t, "step_ms": 1e3 * sec,
             "tokens_per_sec": tok_s, "achieved_flops": tok_s * flops_tok,
             "matmul_peak_flops": peak, "frac_of_peak": tok_s * flops_tok / peak,
-            "device": jax.devices()[0].device_kind, "threads": torch.get_num_threads(),
+            "device": jax.devices()[0].device_kind, "threads": os.cpu_count() or 1,
             "layout": layout, "loss_impl": impl,
+            "host_malloc": peers[name][1] if name in peers else ours_malloc,
         })  # fmt: skip
     ours = records[0]["tokens_per_sec"]
     for rec in records:
@@ -196,7 +255,7 @@ def _summary(per_shape: list[list[dict]]) -> str:
         for r in records[1:]:
             shape = (f"L={r['n_layer']} H={r['n_head']} d={r['n_embd']} B={r['batch_size']} "
                      f"T={r['seq_len']}")  # fmt: skip
-            lines.append(f"  {shape:<32} vs {r['name']:<16} {r['ours_over_this']:5.2f}x")
+            lines.append(f"  {shape:<32} vs {r['name']:<22} {r['ours_over_this']:5.2f}x")
     return "\n".join(lines)
 
 
@@ -206,13 +265,14 @@ def _table(records: list[dict]) -> str:
         f"GPT-2 L={r0['n_layer']} H={r0['n_head']} d={r0['n_embd']} B={r0['batch_size']} "
         f"T={r0['seq_len']}, fp32, AdamW; CPU matmul peak {r0['matmul_peak_flops'] / 1e9:.1f} "
         "GFLOP/s",
-        f"{'contender':<16} {'step ms':>9} {'tok/s':>9} {'GFLOP/s':>8} {'% peak':>7} {'ours/x':>7}",
+        f"{'contender':<22} {'malloc':>7} {'step ms':>9} {'tok/s':>9} {'GFLOP/s':>8} "
+        f"{'% peak':>7} {'ours/x':>7}",
     ]
     for r in records:
         lines.append(
-            f"{r['name']:<16} {r['step_ms']:9.1f} {r['tokens_per_sec']:9.0f} "
-            f"{r['achieved_flops'] / 1e9:8.1f} {100 * r['frac_of_peak']:6.1f}% "
-            f"{r['ours_over_this']:7.2f}"
+            f"{r['name']:<22} {r['host_malloc']:>7} {r['step_ms']:9.1f} "
+            f"{r['tokens_per_sec']:9.0f} {r['achieved_flops'] / 1e9:8.1f} "
+            f"{100 * r['frac_of_peak']:6.1f}% {r['ours_over_this']:7.2f}"
         )
     return "\n".join(lines)
 
@@ -256,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of train.loss_impl for ours: full,chunked")  # fmt: skip
     p.add_argument("--loss-chunk", type=int, default=128, help="train.loss_chunk for chunked")
     p.add_argument("--layouts", default="unrolled", help="comma list: unrolled,scanned")
+    p.add_argument("--peer-malloc", default="default", help="comma list: default,tuned; the "
+                   "C allocator settings of each peer's process (module doc)")  # fmt: skip
     p.add_argument("--shapes", action="store_true", help="run the fixed SHAPES (module doc) "
                    "instead of --n-layer/--n-head/--n-embd/--batch-size/--seq-len")  # fmt: skip
     p.add_argument("--profile", default=None, metavar="DIR", help="after timing, trace --steps "
@@ -269,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     depths = int_list(args.n_layer, "--n-layer")
     args.layouts = name_list(args.layouts, ("unrolled", "scanned"), "--layouts")
+    args.peer_malloc = list(dict.fromkeys(name_list(args.peer_malloc, MALLOCS, "--peer-malloc")))
+    if not args.peer_malloc:
+        raise UserError("--peer-malloc takes default, tuned or both")
     for name in ("n_head", "n_embd", "batch_size", "seq_len", "steps", "rounds", "loss_chunk"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
