@@ -83,16 +83,16 @@ def _walk(n_valid, chunk, layout, x_BTD, w, targets_BT, *, grads: bool):
         loss_BT = jax.lax.dynamic_update_slice_in_dim(loss_BT, loss_BC, start, axis=1)
         if grads:
             dx_BTD = jax.lax.dynamic_update_slice_in_dim(dx_BTD, dx_BCD, start, axis=1)
-            dw = dw + dw_c
+            dw = dw_c if dw is None else dw + dw_c
         return loss_BT, dx_BTD, dw
 
     # Per-token losses, averaged at the end as `cross_entropy` does: the same sum order.
     loss_BT = constrain(jnp.zeros((B, T), jnp.float32), "batch", None)
-    carry = (loss_BT, None, None)
-    if grads:
-        dx_BTD = constrain(jnp.zeros_like(x_BTD), "batch", None, None)
-        carry = (loss_BT, dx_BTD, jnp.zeros(w.shape, jnp.float32))
-    carry = jax.lax.fori_loop(0, n_full, lambda i, c: step(i * C, C, c), carry)
+    dx_BTD = constrain(jnp.zeros_like(x_BTD), "batch", None, None) if grads else None
+    # The first chunk starts dw, outside the loop: a zero-filled [V, D] table to add it to
+    # was one more pass over the table (30 ms per step at d 768 on CPU).
+    carry = step(0, C, (loss_BT, dx_BTD, None))
+    carry = jax.lax.fori_loop(1, n_full, lambda i, c: step(i * C, C, c), carry)
     if rest:
         carry = step(n_full * C, rest, carry)
     loss_BT, dx_BTD, dw = carry

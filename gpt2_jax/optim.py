@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -37,6 +38,23 @@ def decay_mask(params):
     return jax.tree.map(matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` (the same state), scaling by one factor per step.
+
+    optax divides every element by the norm. XLA:CPU does not repeat a divide in each of its
+    consumers, so the clipped gradients were written out and read back by both Adam moments:
+    one more pass over every parameter (35 ms per step at d 768). It does repeat a multiply.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        g_norm = optax.tree.norm(updates)
+        scale = jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm)
+        return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     adamw = optax.adamw(
         lr_schedule(cfg),
@@ -47,5 +65,5 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         mask=decay_mask,
     )
     if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+        return optax.chain(clip_by_global_norm(cfg.grad_clip), adamw)
     return adamw
