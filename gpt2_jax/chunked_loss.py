@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from gpt2_jax.sampling import mask_vocab
 from gpt2_jax.sharding import constrain
 
+SCOPE = "lm_head_loss"
 # The head weight's orientation: the tied embedding table is [V, D], an untied kernel [D, V].
 _EQUATIONS = {  # layout → (logits, dx, dw)
     "VD": ("nd,vd->nv", "nv,vd->nd", "nv,nd->vd"),
@@ -69,6 +70,12 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def _walk(n_valid, chunk, layout, x_BTD, w, targets_BT, *, grads: bool):
     """(mean loss, dx, dw): full chunks in a loop, a shorter last chunk after it; dx and dw
     are the gradients of the mean loss (None without `grads`)."""
+    # The scope names these ops in the HLO, for `bench profile`.
+    with jax.named_scope(SCOPE):
+        return _walk_chunks(n_valid, chunk, layout, x_BTD, w, targets_BT, grads=grads)
+
+
+def _walk_chunks(n_valid, chunk, layout, x_BTD, w, targets_BT, *, grads: bool):
     B, T, D = x_BTD.shape
     C = min(chunk, T)
     n_full, rest = divmod(T, C)

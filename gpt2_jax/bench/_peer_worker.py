@@ -2,7 +2,8 @@
 
 The parent writes one JSON line: {"kind", "args", "tokens", "tuned_malloc"}. The worker
 builds and warms up the peer, answers "ready", then for every line holding a step count n
-answers the median seconds per step over n timed steps. It exits when its stdin closes.
+answers the median seconds per step over n timed steps; for "profile n top", one JSON line
+of `gpt2_jax.bench.profile`'s figures over n steps. It exits when its stdin closes.
 """
 
 from __future__ import annotations
@@ -27,8 +28,30 @@ def main() -> int:
     step, sync = _torch(spec["kind"], argparse.Namespace(**spec["args"]), tokens_BT)
     print("ready", flush=True)
     for line in sys.stdin:
-        print(_timed(step, sync, int(line)), flush=True)
+        if line.startswith("profile"):
+            n, top = map(int, line.split()[1:])
+            print(json.dumps(_profile(step, n, top)), flush=True)
+        else:
+            print(_timed(step, sync, int(line)), flush=True)
     return 0
+
+
+def _profile(step, n: int, top: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from gpt2_jax.bench.profile import TORCH_MATMULS, usage_per_step
+
+    record = usage_per_step(step, n + 2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    ops = {e.key: e.self_cpu_time_total / 1e3 / n for e in events}
+    matmuls = sum(ms for key, ms in ops.items() if key in TORCH_MATMULS)
+    top_ops = dict(list(ops.items())[:top])
+    rest = sum(ops.values()) - matmuls
+    record["ops_ms"] = {**top_ops, "all matmuls": matmuls, "all other ops": rest}
+    return record
 
 
 if __name__ == "__main__":

@@ -88,6 +88,11 @@ class _PeerWorker:
         self._send(str(n))
         return float(self._receive())
 
+    def profile(self, n: int, top: int) -> dict:
+        """getrusage figures and the top ops (`gpt2_jax.bench.profile`) over n steps."""
+        self._send(f"profile {n} {top}")
+        return json.loads(self._receive())
+
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait()
@@ -129,10 +134,13 @@ def _ours(args, tokens_BT: np.ndarray, loss_impl: str, scan_layers: bool):
     def sync():
         jax.block_until_ready(holder["metrics"])
 
+    def hlo_text():
+        return trainer.step.lower(holder["state"], x, y).compile().as_text()
+
     for _ in range(2):  # compile, then one more to settle
         step()
         sync()
-    return step, sync
+    return step, sync, hlo_text
 
 
 def _torch(kind: str, args, tokens_BT: np.ndarray):
@@ -204,7 +212,7 @@ def run(args) -> list[dict]:
     print(f"building {', '.join(names)} (compiling / warming up)", file=sys.stderr)
     runners = {}
     for n, (layout, impl) in ours.items():
-        step, sync = _ours(args, tokens_BT, impl, layout == "scanned")
+        step, sync, _ = _ours(args, tokens_BT, impl, layout == "scanned")
         runners[n] = lambda k, step=step, sync=sync: _timed(step, sync, k)
     workers = []
     try:
