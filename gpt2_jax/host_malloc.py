@@ -40,11 +40,10 @@ def tune() -> bool:
     if os.environ.get(ENV, "tuned") != "default" and sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None)
-            libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl has no such symbol)
+        except OSError:
+            libc = None
+        if hasattr(libc, "gnu_get_libc_version"):  # glibc only: musl has no such symbol
             mallopt = libc.mallopt
-        except (OSError, AttributeError):
-            mallopt = None
-        if mallopt is not None:
             mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
             ok = all([mallopt(param, value) == 1 for param, value in _SETTINGS])
     _applied.append(ok)

@@ -30,18 +30,18 @@ def main() -> int:
     for line in sys.stdin:
         if line.startswith("profile"):
             n, top = map(int, line.split()[1:])
-            print(json.dumps(_profile(step, n, top)), flush=True)
+            print(json.dumps(_profile(step, sync, n, top)), flush=True)
         else:
             print(_timed(step, sync, int(line)), flush=True)
     return 0
 
 
-def _profile(step, n: int, top: int) -> dict:
+def _profile(step, sync, n: int, top: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from gpt2_jax.bench.profile import TORCH_MATMULS, usage_per_step
 
-    record = usage_per_step(step, n + 2)
+    record = usage_per_step(step, sync, n + 2)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(n):
             step()

@@ -24,16 +24,14 @@ import gzip
 import json
 import re
 import resource
-import statistics
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from gpt2_jax.bench._flags import name_list
-from gpt2_jax.bench.train import MALLOCS, PEERS, _PeerWorker
+from gpt2_jax.bench.train import MALLOCS, PEERS, _PeerWorker, _timed
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
 TORCH_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
@@ -42,15 +40,12 @@ _RUNTIME_EVENTS = ("ThunkExecutor", "$", "PjitFunction", "SlinkyThreadPool", "Th
                    "end: ")  # fmt: skip
 
 
-def usage_per_step(step, n: int) -> dict[str, float]:
-    """Median wall ms, minor page faults and kernel ms per step over n calls of `step`."""
-    before, times = resource.getrusage(resource.RUSAGE_SELF), []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+def usage_per_step(step, sync, n: int) -> dict[str, float]:
+    """Median wall ms, minor page faults and kernel ms per step over n synced steps."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    step_s = _timed(step, sync, n)
     after = resource.getrusage(resource.RUSAGE_SELF)
-    return {"step_ms": 1e3 * statistics.median(times),
+    return {"step_ms": 1e3 * step_s,
             "page_faults": (after.ru_minflt - before.ru_minflt) / n,
             "kernel_ms": 1e3 * (after.ru_stime - before.ru_stime) / n}  # fmt: skip
 
@@ -88,28 +83,23 @@ def _ours(args, tokens_BT: np.ndarray) -> dict:
     from gpt2_jax.bench.train import _ours as build
 
     step, sync, hlo_text = build(args, tokens_BT, "chunked", False)
-
-    def one():
-        step()
-        sync()
-
     record = {"name": "gpt2_jax", "host_malloc": "tuned" if host_malloc.tuned() else "default"}
-    record |= usage_per_step(one, args.steps + 2)
+    record |= usage_per_step(step, sync, args.steps + 2)
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            for _ in range(args.steps):
-                one()
+            _timed(step, sync, args.steps)
         trace_file = next(Path(tmp).rglob("*.trace.json.gz"))
         record["groups_ms"] = thunk_groups(trace_file, hlo_text(), args.steps)
     return record
 
 
 def run(args) -> list[dict]:
-    tokens_BT = np.random.default_rng(0).integers(0, 50257, (args.batch_size, args.seq_len + 1))
-    records = [_ours(args, tokens_BT.astype(np.int32))]
+    shape = (args.batch_size, args.seq_len + 1)
+    tokens_BT = np.random.default_rng(0).integers(0, 50257, shape).astype(np.int32)
+    records = [_ours(args, tokens_BT)]
     for peer in args.peers:
         for malloc in args.peer_malloc:
-            worker = _PeerWorker(peer, args, tokens_BT.astype(np.int32), malloc)
+            worker = _PeerWorker(peer, args, tokens_BT, malloc)
             try:
                 record = worker.profile(args.steps, args.top)
             finally:

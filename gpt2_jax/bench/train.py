@@ -66,7 +66,7 @@ class _PeerWorker:
     """A torch peer built and timed in a child process (`gpt2_jax.bench._peer_worker`)."""
 
     def __init__(self, kind: str, args, tokens_BT: np.ndarray, malloc: str):
-        shape = {k: getattr(args, k) for k in (*SHAPE_KEYS, "seq_len")}
+        shape = {k: getattr(args, k) for k in SHAPE_KEYS}
         spec = {"kind": kind, "args": shape, "tokens": tokens_BT.tolist(),
                 "tuned_malloc": malloc == "tuned"}  # fmt: skip
         env = dict(os.environ, GPT2_JAX_HOST_MALLOC=malloc)
