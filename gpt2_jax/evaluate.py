@@ -6,7 +6,8 @@ positions max(prev_end, begin + 1) ... end - 1, each predicted from the tokens b
 that window (positions restart at 0 in every window). S = N gives non-overlapping windows.
 
     python -m gpt2_jax.evaluate --checkpoint DIR --data SRC [--split val|train|all]
-        [--val-fraction F] [--seq-len N] [--stride S]
+        [--val-fraction F] [--text-field NAME] [--decode-errors strict|replace]
+        [--seq-len N] [--stride S]
 
 What is scored: a data source (shakespeare, a directory, glob, .jsonl/.json/.parquet or
 hf:<name>) is split exactly as `gpt2_jax.data.prepare_source` splits it for training (by
@@ -28,7 +29,7 @@ import math
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jax
@@ -39,6 +40,8 @@ from tqdm import tqdm
 
 from gpt2_jax import host_malloc
 from gpt2_jax.config import DTYPES, DataConfig
+from gpt2_jax.data.dir_lock import locked
+from gpt2_jax.data.sources import DECODE_ERRORS
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 from gpt2_jax.generate import check_compute_dtype
 from gpt2_jax.loading import load_model
@@ -98,24 +101,25 @@ def _read_bin(path: Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, decode_errors: str) -> str:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8", errors=decode_errors)
     except UnicodeDecodeError as e:
         raise UserError(
             f"{path} is not UTF-8 text (bad byte at offset {e.start}); pass a UTF-8 text file "
-            "or a prepared .bin"
+            "or a prepared .bin, or --decode-errors replace to replace bad bytes"
         ) from None
 
 
-def _source_tokens(spec: str, limit: int | None) -> np.ndarray:
-    """The documents of a `data.source` spec (see `gpt2_jax.data`), tokenised and joined by
+def _source_tokens(data: DataConfig, limit: int | None) -> np.ndarray:
+    """The documents of a `data.source` (see `gpt2_jax.data`), tokenised and joined by
     <|endoftext|>; stops reading documents once `limit` tokens are collected."""
     from gpt2_jax.data import resolve_source
     from gpt2_jax.tokenizer import EOT, encode
 
-    texts = resolve_source(DataConfig(source=spec)).texts()
+    spec = data.source
+    texts = resolve_source(data).texts()
     parts: list[np.ndarray] = []
     count = 0
     for i, text in enumerate(tqdm(texts, desc=f"tokenising {spec}", unit="doc")):
@@ -135,17 +139,19 @@ def check_val_fraction(fraction: float, split: str | None) -> None:
         raise UserError("--val-fraction 0 leaves the val split empty; use --split train or all")
 
 
-def _split_tokens(spec: str, split: str, val_fraction: float | None) -> tuple[np.ndarray, str]:
+def _split_tokens(
+    data: DataConfig, split: str, val_fraction: float | None
+) -> tuple[np.ndarray, str]:
     """The train or val split of a source, as `prepare_source` writes it for training (run into
     a temporary directory, so the hash rule and the documents moved are exactly training's)."""
     from gpt2_jax.data import prepare_source
 
-    fraction = DataConfig().val_fraction if val_fraction is None else val_fraction
+    fraction = data.val_fraction if val_fraction is None else val_fraction
     check_val_fraction(fraction, split)
     with tempfile.TemporaryDirectory(prefix="gpt2_jax_eval_") as tmp:
-        prepare_source(DataConfig(source=spec, val_fraction=fraction), tmp)
+        prepare_source(replace(data, val_fraction=fraction), tmp)
         tokens = np.fromfile(Path(tmp) / f"{split}.bin", np.uint16)
-    return tokens, f"the {split} split of {spec} (val_fraction {fraction})"
+    return tokens, f"the {split} split of {data.source} (val_fraction {fraction})"
 
 
 def _prepared_tokens(d: Path, split: str, val_fraction: float | None) -> tuple[np.ndarray, str]:
@@ -167,12 +173,16 @@ def _prepared_tokens(d: Path, split: str, val_fraction: float | None) -> tuple[n
     path = d / f"{split}.bin"
     if not path.is_file():
         raise UserError(f"{d} has no {split}.bin (a streaming prepare writes val.bin only)")
-    if meta:
-        verify_prepared(d, meta, [path.name])
-    return _read_bin(path), f"the {split} split of {d} ({fixed})"
+    with locked(d, exclusive=False):  # the file that meta.json describes, not a newer one
+        meta = read_meta(d) or {}
+        if meta:
+            verify_prepared(d, meta, [path.name])
+        return _read_bin(path), f"the {split} split of {d} ({fixed})"
 
 
-def _file_tokens(p: Path, split: str | None, val_fraction: float | None) -> tuple[np.ndarray, str]:
+def _file_tokens(
+    p: Path, split: str | None, val_fraction: float | None, decode_errors: str
+) -> tuple[np.ndarray, str]:
     """A .bin or text file: one explicit file, scored whole, so a split is an error."""
     from gpt2_jax.tokenizer import encode
 
@@ -184,7 +194,8 @@ def _file_tokens(p: Path, split: str | None, val_fraction: float | None) -> tupl
         )
     if p.suffix == ".bin":
         return _read_bin(p), f"all of {p}"
-    return np.asarray(encode(_read_text(p)), np.int32), f"all of {p} (one text, no EOT added)"
+    text = _read_text(p, decode_errors)
+    return np.asarray(encode(text), np.int32), f"all of {p} (one text, no EOT added)"
 
 
 def load_data(
@@ -193,25 +204,48 @@ def load_data(
     split: str | None = None,
     val_fraction: float | None = None,
     max_tokens: int | None = None,
+    text_field: str | None = None,
+    decode_errors: str | None = None,
 ) -> tuple[np.ndarray, str]:
     """Token ids of `src` and a phrase naming them (see the module docstring): `split` (default
-    val, or all for one file) of a source or prepared directory. `max_tokens` keeps the first."""
+    val, or all for one file) of a source or prepared directory. `max_tokens` keeps the first.
+    `text_field` and `decode_errors` read a source as `data.text_field` / `data.decode_errors`
+    do in training (decode_errors also applies to one text file)."""
     if split is not None and split not in SPLITS:
         raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    defaults = DataConfig()
+    data = DataConfig(
+        source=src,
+        text_field=defaults.text_field if text_field is None else text_field,
+        decode_errors=defaults.decode_errors if decode_errors is None else decode_errors,
+    )
     p = Path(src)
     if p.is_dir() and (p / "val.bin").is_file():
+        _check_no_source_flags(p, text_field=text_field, decode_errors=decode_errors)
         tokens, what = _prepared_tokens(p, split or "val", val_fraction)
     elif p.is_file() and p.suffix.lower() not in DOCUMENT_SUFFIXES:
-        tokens, what = _file_tokens(p, split, val_fraction)
+        _check_no_source_flags(p, text_field=text_field)
+        tokens, what = _file_tokens(p, split, val_fraction, data.decode_errors)
     elif split == "all":
         if val_fraction is not None:
             raise UserError("--val-fraction has no effect with --split all; drop one of them")
-        tokens, what = _source_tokens(src, max_tokens), f"all of {src} (documents joined by EOT)"
+        tokens, what = _source_tokens(data, max_tokens), f"all of {src} (documents joined by EOT)"
     else:
-        tokens, what = _split_tokens(src, split or "val", val_fraction)
+        tokens, what = _split_tokens(data, split or "val", val_fraction)
     if max_tokens is not None and len(tokens) > max_tokens:
         return tokens[:max_tokens], f"the first {max_tokens:,} tokens of {what}"
     return tokens, what
+
+
+def _check_no_source_flags(p: Path, **flags: str | None) -> None:
+    """Refuse reading options given for data that has no documents to read with them."""
+    for name, value in flags.items():
+        if value is not None:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{flag} applies to a data source's documents, but {p} is "
+                f"{'a prepared directory' if p.is_dir() else 'one file scored whole'}; drop {flag}"
+            )
 
 
 def load_tokens(src: str, **kwargs) -> np.ndarray:
@@ -380,6 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated window lengths >= 2, e.g. 256,512,1024: one JSON line per length "
         "and a table on stderr",
     )
+    ap.add_argument(
+        "--text-field",
+        help="JSON field / parquet or dataset column holding a source's text, as "
+        f"data.text_field in training (default {DataConfig().text_field})",
+    )
+    ap.add_argument(
+        "--decode-errors",
+        choices=DECODE_ERRORS,
+        help="strict (the default): a byte that is not UTF-8 is an error; replace: it becomes "
+        "U+FFFD, as data.decode_errors in training",
+    )
     ap.add_argument("--stride", type=int, help="window step S, 0 < S <= N (default: N, no overlap)")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
     ap.add_argument(
@@ -417,7 +462,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_window_args(n, n if args.stride is None else args.stride, flag)
         check_seq_len(model, n)
     tokens, what = load_data(
-        args.data, split=args.split, val_fraction=args.val_fraction, max_tokens=args.max_tokens
+        args.data,
+        split=args.split,
+        val_fraction=args.val_fraction,
+        max_tokens=args.max_tokens,
+        text_field=args.text_field,
+        decode_errors=args.decode_errors,
     )
     check_tokens(tokens, cfg.vocab_size)
     print(

