@@ -71,3 +71,20 @@ def test_bad_flags_are_one_line_errors(capsys, argv, message):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert message in err
+
+
+def test_train_dir_holding_other_data_is_refused_and_left_alone(tmp_path, capsys):
+    from gpt2_jax.config import DataConfig
+    from gpt2_jax.data import prepare_source
+    from tests.test_campaign import tree_hash
+    from tests.test_data_prepare import DOCS, write_txt
+
+    work = tmp_path / "work"
+    prepare_source(DataConfig(source=str(write_txt(tmp_path / "c", DOCS))), work / "data",
+                   show_progress=False)  # fmt: skip
+    before = tree_hash(work)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--parts", "speculative", "--train-dir", str(work), "--train-steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "pick a new --train-dir" in err[0]
+    assert tree_hash(work) == before

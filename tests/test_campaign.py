@@ -4,6 +4,7 @@ every byte of the run as it was (issue 17's campaign)."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,34 @@ def test_a_second_concurrent_run_is_refused_and_changes_nothing(good_run):
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         _assert_one_line_refusal("concurrent", proc, f"pid {holder.pid}")
         assert tree_hash(good_run.parent) == before
+
+
+def _bench(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "gpt2_jax.bench", *argv]
+
+
+MOE = _bench("moe", "--smoke", "--impls", "none", "--train", "--train-steps", "1",
+             "--dense-layers", "1", "--moe-layers", "1")  # fmt: skip
+VARIANTS = _bench("variants", "--preset", "tiny", "--seeds", "1", "--rows", "standard",
+                  "--peers", "none")  # fmt: skip
+BENCH_CASES = {  # name → (where the good run goes under --work-dir W, the bench's argv less W)
+    "moe run": ("runs/moe", MOE),
+    "moe data": ("data", MOE),
+    "variants run": ("runs/tiny/standard-seed0", VARIANTS),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BENCH_CASES)
+def test_benchmarks_refuse_a_used_work_dir(good_run, tmp_path, name):
+    """A bench --work-dir whose run (or data) folder holds anything: refused before any work."""
+    where, argv = BENCH_CASES[name]
+    work = tmp_path / "work"
+    src = good_run / "data" if where == "data" else good_run
+    shutil.copytree(src, work / where)
+    before = tree_hash(work)
+    out = tmp_path / ("moe.json" if "moe" in name else "out")
+    proc = subprocess.run([*argv, "--work-dir", str(work), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    _assert_one_line_refusal(name, proc, f"{work / where} already exists and is not empty")
+    assert "pick an empty or new --work-dir" in proc.stderr
+    assert tree_hash(work) == before, f"{name} changed the work dir"

@@ -1,4 +1,5 @@
-"""Where a benchmark writes when not told: a fresh folder under ./bench_out, never the docs."""
+"""Where a benchmark writes: when not told, a fresh folder under ./bench_out, never the docs;
+when told a --work-dir, only into folders that are new or empty."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from gpt2_jax.errors import UserError
@@ -43,3 +45,18 @@ def write_json(out: str | None, name: str, data) -> Path:
     path.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {path}", file=sys.stderr)
     return path
+
+
+def check_work_dir(work: Path, cfgs: Iterable) -> None:
+    """Refuse, before any work, a --work-dir in which a run folder (train.out_dir) of `cfgs` or
+    their prepared data (when inside `work`) already holds anything: a benchmark neither resumes
+    nor overwrites a run, nor prepares data, it did not create in this call."""
+    root, cfgs = work.resolve(), list(cfgs)
+    runs = [Path(c.train.out_dir) for c in cfgs]
+    data = [Path(c.data.prepared_dir) for c in cfgs if c.data.prepared_dir]
+    # a data.prepared_dir outside `work` is the user's own, shared on purpose
+    for path in dict.fromkeys(runs + [d for d in data if d.resolve().is_relative_to(root)]):
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise UserError(f"--work-dir {work}: {path} already exists and is not empty (this "
+                            "benchmark would mix with or overwrite it); pick an empty or new "
+                            "--work-dir")  # fmt: skip

@@ -242,6 +242,7 @@ def row_config(name: str, key: str, extra: list[str], work: Path, seed: int = 0)
     if key == "moe":
         change += _moe_change(m.n_layer)
     change.append(f"train.seed={t.seed + seed}")
+    change.append("train.resume=false")  # a study's runs are its own (bench._out.check_work_dir)
     change.append(f"train.out_dir={work / 'runs' / name / f'{key}-seed{seed}'}")
     if base.data.prepared_dir is None:  # one tokenisation for all rows
         change.append(f"data.prepared_dir={work / 'data'}")

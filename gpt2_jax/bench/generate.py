@@ -100,8 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spec-prompts", type=int, default=3, help="validation-text prompts per point")
     p.add_argument("--spec-new-tokens", type=int, default=48, help="tokens per prompt")
     p.add_argument("--train-dir", default=None,
-                   help="keep (and reuse) prepared data and trained models here "
-                   "(default: a temporary directory)")  # fmt: skip
+                   help="keep (and reuse) prepared data and trained models here; its data/ "
+                   "must be this bench's own (default: a temporary directory)")  # fmt: skip
     p.add_argument("--host-model", default="48x64x4", help="host part model LAYERSxEMBDxHEADS")
     p.add_argument("--host-tokens", type=int, default=200, help="timed decode steps per host run")
     p.add_argument("--seed", type=int, default=0, help="weights and token seed, 0 <= seed < 2**32")
@@ -295,6 +295,22 @@ def _train_overrides(shape: tuple[int, int, int], steps: int, out: Path, data: P
     ]  # fmt: skip
 
 
+def _check_own_data(data: Path, cfg) -> None:
+    """--train-dir/data is reused only when it holds what this bench prepares there (the same
+    source and settings); anything else there is the user's and is never prepared over."""
+    from gpt2_jax.data import read_meta
+
+    if not data.exists() or (data.is_dir() and not any(data.iterdir())):
+        return
+    meta = read_meta(data) or {}
+    keys = ("source", "val_fraction", "text_field", "decode_errors")
+    if any(meta.get(k) != getattr(cfg, k) for k in keys):
+        raise UserError(
+            f"--train-dir: {data} holds something other than this benchmark's prepared "
+            f"{cfg.source} data; pick a new --train-dir, or move {data} away"
+        )
+
+
 def speculative_models(a: argparse.Namespace, work: Path) -> tuple:
     """(target, draft, info): trained with gpt2_jax.train, or random with --train-steps 0."""
     from gpt2_jax.config import DataConfig, load_config
@@ -302,6 +318,7 @@ def speculative_models(a: argparse.Namespace, work: Path) -> tuple:
     from gpt2_jax.loading import load_model
 
     data = work / "data"
+    _check_own_data(data, DataConfig())
     prepare_source(DataConfig(), data, show_progress=False)
     models, info = [], {}
     for role, shape in (("target", a.target), ("draft", a.draft)):

@@ -28,6 +28,9 @@ training tokens/s (`gpt2_jax.train`'s median over logged intervals, compilation 
 rows run one after the other, so load from other processes may favour either) and, for MoE,
 the last logged moe_lb_loss / moe_busiest / moe_idlest (means over the MoE layers).
 Positional `section.key=value` overrides apply to both rows after the bench's own settings.
+The rows train into DIR/runs/{dense,moe} and tokenise into DIR/data, DIR being `--work-dir` or
+else a temporary directory; a `--work-dir` where any of them already holds files is refused
+before any work (the bench never resumes, mixes with or overwrites a run it did not create).
 
 `--smoke` shrinks every default (B 2 × T 32, D 32, E 4,8; 4 training steps at D 32) so CI
 runs both sections in seconds; flags given explicitly still apply. `--json` prints one JSON
@@ -52,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2_jax.bench._flags import int_list, name_list
-from gpt2_jax.bench._out import check_json_path, write_json
+from gpt2_jax.bench._out import check_json_path, check_work_dir, write_json
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
 IMPLS = ("grouped", "ragged", "dense")
@@ -67,7 +70,7 @@ SHAPES = {
 TRAIN_COMMON = (
     "data.source=shakespeare train.seed=0 train.sample_every=0 train.grad_accum=1 "
     "model.dropout=0.0 model.dtype=float32 checkpoint.every=0 checkpoint.keep=1 "
-    "checkpoint.async_save=false wandb.mode=disabled train.resume=false train.overwrite=true"
+    "checkpoint.async_save=false wandb.mode=disabled train.resume=false"
 )
 TRAIN_SHAPES = {  # ≈ a few minutes on 2 cores / seconds
     "default": "model.n_head=4 model.n_embd=128 model.max_seq_len=128 train.seq_len=128 "
@@ -398,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-layers", type=int, default=3, help="layers of the MoE model")
     p.add_argument("--train-experts", type=int, default=8, help="experts of the MoE model")
     p.add_argument("--train-impl", default="auto", help=f"one of {', '.join(TRAIN_IMPLS)}")
-    p.add_argument("--work-dir", default=None, help="keep the runs here (default: a temp dir)")
+    p.add_argument("--work-dir", default=None,
+                   help="keep the runs here; new or empty (default: a temp dir)")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny shapes and steps (CI)")
     p.add_argument("--out", default=None, help="JSON file (default: bench_out/moe-*/moe.json)")
     p.add_argument("--json", action="store_true", help="one JSON object per measurement")
@@ -446,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             cfgs = train_configs(args, Path(args.work_dir or tmp))
             for cfg in cfgs.values():
                 validate(cfg)
+            if args.work_dir:
+                check_work_dir(Path(args.work_dir), cfgs.values())
         env = machine()
         layers = run_layers(args, env) if args.impls else []
         trained = run_train(cfgs, env)

@@ -31,10 +31,14 @@ earlier results' variants.json and writes only the findings.
 Writes DIR/variants.json, DIR/variants.md (the tables), DIR/findings.md (each claim, its
 experiment, our result and a verdict: `_variants_findings`) and DIR/variants_{val_loss,
 extrapolation,throughput,memory}.png, where DIR is `--out` or else a new folder
-bench_out/variants-<YYYYmmdd-HHMMSS>/ named on stderr; training runs go to a temporary
-directory. While it runs, DIR/variants.partial.json holds the raw records of every finished
-seed (removed once variants.json is written), so an interrupted study keeps them; a new
-study refuses an --out that still holds one.
+bench_out/variants-<YYYYmmdd-HHMMSS>/ named on stderr. While it runs, DIR/variants.partial.json
+holds the raw records of every finished seed (removed once variants.json is written), so an
+interrupted study keeps them; a new study refuses an --out that still holds one.
+
+Training runs go to WORK/runs/<preset>/<row>-seed<s> and the tokenised data to WORK/data,
+WORK being `--work-dir` or else a temporary directory. A `--work-dir` where any of those
+folders already holds files is refused before any work: a study never resumes, mixes with or
+overwrites runs it did not create.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import time
 from pathlib import Path
 
 from gpt2_jax.bench._flags import name_list
-from gpt2_jax.bench._out import fresh_out_dir
+from gpt2_jax.bench._out import check_work_dir, fresh_out_dir
 from gpt2_jax.bench._variants_findings import write_findings
 from gpt2_jax.bench._variants_plots import plots
 from gpt2_jax.bench._variants_presets import (
@@ -107,7 +111,7 @@ def _build_parser() -> ArgParser:
     p.add_argument(
         "--work-dir",
         default=None,
-        help="keep the training runs here (default: a temporary directory)",
+        help="keep the training runs here: a new or empty folder (default: a temporary dir)",
     )
     p.add_argument("--json", action="store_true", help="print variants.json instead of the table")
     p.add_argument(
@@ -357,6 +361,13 @@ def _save_partial(a: argparse.Namespace, settings: dict, per_seed: list[list[dic
     tmp.replace(path)
 
 
+def _work_configs(a: argparse.Namespace, work: Path) -> list:
+    """Every row config the study trains into `work`: each preset of the chain, row and seed."""
+    return [row_config(name, k, a.overrides, work, s) for name in preset_chain(a.preset)
+            for k in a.rows or PRESETS[name].rows
+            for s in range(a.seeds or PRESETS[name].seeds)]  # fmt: skip
+
+
 def run_all(a: argparse.Namespace, work: Path) -> dict:
     """The results object: every preset of the chain (all checked before any trains), rows
     compared within their preset."""
@@ -393,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.combine is not None:
         return _combine(a)
+    if a.work_dir:
+        check_work_dir(Path(a.work_dir), _work_configs(a, Path(a.work_dir)))
     out = Path(a.out) if a.out else fresh_out_dir("variants")
     try:
         out.mkdir(parents=True, exist_ok=True)
