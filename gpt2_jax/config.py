@@ -211,6 +211,7 @@ class TrainConfig:
     resume: bool = True
     overwrite: bool = False
     skip_nonfinite: bool = False
+    allow_data_change: bool = False  # resume on data other than the checkpoint's (recorded)
     peak_flops: float | None = None  # per device; None = table or CPU probe
     loss_impl: str = "chunked"  # "chunked" (fused LM head + loss, no [tokens, V] logits) | "full"
     loss_chunk: int = 128  # sequence positions per chunk of the chunked loss

@@ -29,7 +29,12 @@ from gpt2_jax.metrics import (
     write_atomic,
 )
 from gpt2_jax.model import count_params
-from gpt2_jax.resume import check_resume_config, own_data_state
+from gpt2_jax.resume import (
+    check_data_hash,
+    check_resume_config,
+    data_change_record,
+    own_data_state,
+)
 from gpt2_jax.run_dir import open_run, prepare_out_dir
 from gpt2_jax.train_loop import RunInfo, TrainLoop
 from gpt2_jax.train_step import Trainer
@@ -151,12 +156,18 @@ def _saved_layout_target(trainer: Trainer, ckpt: Checkpointer, cfg: Config):
     return jax.eval_shape(Trainer(model_cfg, cfg.train, trainer.mesh).init_state)
 
 
-def restore_or_init(trainer: Trainer, ckpt: Checkpointer, loader, cfg: Config):
-    """(state, step): the newest good checkpoint (and the loader's position), else step 0.
-    A checkpoint of the other layer layout is restored in its own, then relaid out."""
+def restore_or_init(trainer: Trainer, ckpt: Checkpointer, loader, cfg: Config, data_hash: str):
+    """(state, step, saved meta): the newest good checkpoint (and the loader's position), else
+    step 0 (meta None). A checkpoint of the other layer layout is restored in its own, then
+    relaid out. `data_hash` is the prepared data's content hash, checked against the one the
+    checkpoint recorded."""
     if ckpt.steps():
         target = _saved_layout_target(trainer, ckpt, cfg)
-        check = functools.partial(check_resume_config, cfg=cfg, notify=False)
+
+        def check(meta: dict, step: int) -> None:
+            check_resume_config(meta, step, cfg, notify=False)
+            check_data_hash(meta, step, data_hash, cfg, notify=False)
+
         if (restored := ckpt.restore_latest(target, check)) is not None:
             state, saved_meta, start = restored
             if saved_meta["model"].get("scan_layers", False) != cfg.model.scan_layers:
@@ -171,14 +182,14 @@ def restore_or_init(trainer: Trainer, ckpt: Checkpointer, loader, cfg: Config):
             if cfg.train.init_from:
                 notice(f"train.init_from={cfg.train.init_from} only starts a run; its weights "
                        "are not read on resume")  # fmt: skip
-            return state, start
+            return state, start, saved_meta
     if cfg.train.init_from:
         from gpt2_jax.init_from import initial_model
 
         model = initial_model(cfg.model, cfg.train.init_from, cfg.train.seed)
         print(f"starting from the weights of {cfg.train.init_from}", file=sys.stderr)
-        return trainer.state_from(model), 0
-    return trainer.init_state(), 0
+        return trainer.state_from(model), 0, None
+    return trainer.init_state(), 0, None
 
 
 def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at_step) -> dict:
@@ -188,15 +199,19 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = Trainer(cfg.model, t, mesh, inject_nan_step=inject_nan_step)
 
-    # A resume is checked against the newest checkpoint's config before any data is prepared
-    # or anything written: a refused command leaves the run as it was.
+    # A resume is checked against the newest checkpoint's config before any data is prepared,
+    # and its data hash before prepare writes or reuses anything: a refused command leaves the
+    # run as it was.
+    check_hash = None
     if (newest := ckpt.newest_meta()) is not None:
         check_resume_config(*newest, cfg)
+        check_hash = functools.partial(check_data_hash, *newest, cfg=cfg)  # called by prepare
     prepared_dir = Path(cfg.data.prepared_dir or out / "data")
-    meta = prepare_source(cfg.data, prepared_dir, show_progress=is_main, seq_len=t.seq_len)
+    meta = prepare_source(cfg.data, prepared_dir, show_progress=is_main, seq_len=t.seq_len,
+                          check_hash=check_hash)  # fmt: skip
     check_vocab(cfg, meta, prepared_dir)
     loader, val = make_loaders(cfg, prepared_dir)
-    state, start = restore_or_init(trainer, ckpt, loader, cfg)
+    state, start, saved = restore_or_init(trainer, ckpt, loader, cfg, meta["content_hash"])
     if is_main:  # only once the run is accepted: a refused resume leaves the run untouched
         write_atomic(out / "config.yaml", dump_yaml(cfg))
 
@@ -222,6 +237,8 @@ def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at
         flops_per_step=flops_per_step,
         peak_flops_total=peak_total,
         eval_batch_size=max(n_shards, (t.batch_size // t.grad_accum) // n_shards * n_shards),
+        data_hash=meta["content_hash"],
+        data_change=data_change_record(saved, start, meta["content_hash"]) if saved else None,
     )
     loop = TrainLoop(cfg, info, trainer, ckpt, loader, val, state, start,
                      preempt_at_step=preempt_at_step)  # fmt: skip

@@ -135,6 +135,8 @@ class RunInfo:
     flops_per_step: float
     peak_flops_total: float
     eval_batch_size: int
+    data_hash: str  # content hash of the prepared data (prepare's meta), saved in checkpoints
+    data_change: dict | None = None  # the metrics.jsonl record of a resume on changed data
 
 
 class TrainLoop:
@@ -151,6 +153,8 @@ class TrainLoop:
         self.is_main = jax.process_index() == 0
         self.writer = MetricsWriter(info.out / "metrics.jsonl", enabled=self.is_main,
                                     resume_step=start)  # fmt: skip
+        if info.data_change:
+            self.writer.write(info.data_change)
         self.wandb = Wandb(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name, info.out,
                            to_dict(cfg))  # fmt: skip
         self.clock = StepClock(synced=start)
@@ -336,6 +340,7 @@ class TrainLoop:
             "model": to_dict(self.cfg.model),
             "train": to_dict(self.t),
             "data": to_dict(self.cfg.data),
+            "data_hash": self.info.data_hash,
             "data_states": gather_data_states(self.loader.state_dict()),
         }
         self.ckpt.save(self.state, meta)

@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ def prepare_source(
     seq_len: int | None = None,
     force: bool = False,
     stream_val_max_tokens: int = STREAM_VAL_MAX_TOKENS,
+    check_hash: Callable[[str], None] | None = None,
 ) -> dict:
     """Write `train.bin`/`val.bin` (uint16 tokens) and `meta.json` for `cfg.source` into
     `out_dir` and return the meta. A no-op returning the old meta when the directory already
@@ -44,7 +46,9 @@ def prepare_source(
     written (from the first `stream_val_max_tokens` val tokens of the stream). `seq_len`, when
     given, makes a split shorter than one sequence an error. Nothing is written on error.
     The meta records each file's size and fast hash (`integrity`); when those no longer match,
-    a notice goes to stderr and the directory is prepared again."""
+    a notice goes to stderr and the directory is prepared again. `check_hash`, when given, is
+    called with the content hash of the data the directory is to hold before it is reused or
+    anything is written, and may raise to refuse."""
     out = Path(out_dir)
     fraction = _check_fraction(cfg.val_fraction)
     threads = resolve_threads(cfg.num_threads)
@@ -68,13 +72,18 @@ def prepare_source(
                 not force and old is not None and _reusable_for_stream(out, old, settings, source)
             )
         if reuse:
+            if check_hash is not None:
+                check_hash(old["content_hash"])
             _check_min_tokens(old, seq_len, fraction)
             _say_up_to_date(out, show_progress)
             return old
         return _prepare_stream_val(
-            source, settings, out, threads, seq_len, stream_val_max_tokens, show_progress
-        )
+            source, settings, out, threads, seq_len, stream_val_max_tokens, show_progress,
+            check_hash,
+        )  # fmt: skip
     scan = _scan(source, settings, show_progress)
+    if check_hash is not None:
+        check_hash(scan.content_hash)
     with locked(out, exclusive=False):  # meta and files as one writer left them
         old = read_meta(out)
         reuse = (
@@ -218,6 +227,7 @@ def _prepare_stream_val(
     seq_len: int | None,
     max_tokens: int,
     show_progress: bool,
+    check_hash: Callable[[str], None] | None = None,
 ) -> dict:
     """Streaming mode: collect only val documents (by the hash rule) from the stream."""
     fraction = settings["val_fraction"]
@@ -255,6 +265,8 @@ def _prepare_stream_val(
         meta = _meta(settings, source, h.hexdigest(), {}, counts, streaming=True)
         meta["documents"]["train"] = None  # not counted: training streams them
         _check_min_tokens(meta, seq_len, fraction)
+        if check_hash is not None:
+            check_hash(meta["content_hash"])
         stage.commit(meta)
     return meta
 
