@@ -14,9 +14,9 @@ import optax
 import pytest
 from flax import nnx
 
+from benchmarks import attention as bench
 from gpt2_jax import attention
 from gpt2_jax.attention import dot_product_attention, resolve_impl, xla_attention
-from gpt2_jax.bench import attention as bench
 from gpt2_jax.blocked_attention import blocked_attention, num_offsets, schedule
 from gpt2_jax.chunked_attention import chunked_attention, spans
 from gpt2_jax.config import ModelConfig

@@ -1,4 +1,4 @@
-"""`python -m gpt2_jax.bench accel`: refuses on CPU; `--smoke` runs every part on a tiny model."""
+"""`python -m benchmarks accel`: refuses on CPU; `--smoke` runs every part on a tiny model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gpt2_jax.bench import accel
+from benchmarks import accel
 
 
 def test_refuses_on_cpu_in_one_line(capsys):

@@ -1,11 +1,11 @@
-"""`python -m gpt2_jax.bench generate` on a tiny grid: its records and what they must show."""
+"""`python -m benchmarks generate` on a tiny grid: its records and what they must show."""
 
 import json
 
 import pytest
 
-from gpt2_jax.bench import generate as bench
-from gpt2_jax.bench._generate_host import HOST_FIELDS
+from benchmarks import generate as bench
+from benchmarks._generate_host import HOST_FIELDS
 
 TINY = ["--contexts", "12", "--new-tokens", "3", "--repeats", "1", "--model", "1x32x4",
         "--window", "8", "--vocab-size", "64", "--lengths", "4,20"]  # fmt: skip

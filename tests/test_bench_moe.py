@@ -1,4 +1,4 @@
-"""`python -m gpt2_jax.bench moe`: the layer timings and the dense-vs-MoE training, on --smoke."""
+"""`python -m benchmarks moe`: the layer timings and the dense-vs-MoE training, on --smoke."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from gpt2_jax.bench import moe
+from benchmarks import moe
 
 LAYER_FIELDS = ("impl", "experts", "top_k", "batch_size", "seq_len", "n_embd", "width",
                 "ms_best", "ms_median", "ms_rounds", "vs_mlp", "vs_first_experts", "compile_s",

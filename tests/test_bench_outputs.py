@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_jax.bench import attention, variants
+from benchmarks import attention, variants
 from gpt2_jax.errors import UserError
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gpt2_jax.bench import profile
+from benchmarks import profile
 
 
 def test_profile_groups_ours_and_lists_a_peers_ops(capsys):

@@ -1,4 +1,4 @@
-"""`python -m gpt2_jax.bench scale`: abstract compile figures per config, layout and loss."""
+"""`python -m benchmarks scale`: abstract compile figures per config, layout and loss."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gpt2_jax.bench import scale
+from benchmarks import scale
 
 
 def test_each_layout_and_loss_asked_for_is_compiled_and_measured(tmp_path, capsys):

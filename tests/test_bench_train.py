@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gpt2_jax.bench import train as bench
+from benchmarks import train as bench
 
 
 def test_bench_train_json_records(capsys):
@@ -90,7 +90,7 @@ def test_bench_train_depth_list_one_row_each_and_summary(capsys, monkeypatch, tm
 
 
 def test_bench_pieces_times_every_piece_for_both(capsys):
-    from gpt2_jax.bench import pieces
+    from benchmarks import pieces
 
     argv = ["--n-embd", "32", "--n-head", "2", "--batch-size", "2", "--seq-len", "16"]
     assert pieces.main([*argv, "--repeats", "1", "--rounds", "1", "--json"]) == 0

@@ -1,4 +1,4 @@
-"""`python -m gpt2_jax.bench variants` end to end on the tiny preset with 2 seeds (≈40 s on 2
+"""`python -m benchmarks variants` end to end on the tiny preset with 2 seeds (≈40 s on 2
 cores: a seed's three row processes train at once, then two timing rounds), and its
 statistics, verdict rules, MoE depth rule and budgets without training."""
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_jax.bench import variants
-from gpt2_jax.bench._variants_findings import CLAIMS, findings, judge
-from gpt2_jax.bench._variants_presets import PRESETS, estimate_s, moe_depth, row_config
-from gpt2_jax.bench._variants_report import SEED_SOURCE
-from gpt2_jax.bench._variants_stats import (
+from benchmarks import variants
+from benchmarks._variants_findings import CLAIMS, findings, judge
+from benchmarks._variants_presets import PRESETS, estimate_s, moe_depth, row_config
+from benchmarks._variants_report import SEED_SOURCE
+from benchmarks._variants_stats import (
     betainc,
     paired_test,
     summary,
@@ -252,7 +252,7 @@ def test_moe_depth_matches_active_parameters(tmp_path):
     for n, (layers, every) in ((5, (3, 1)), (12, (10, 3))):
         moe_layers = layers // every
         assert 12 * layers + 20 * moe_layers - 12 * moe_layers == 12 * n  # D² terms equal
-    from gpt2_jax.bench.moe import param_counts
+    from benchmarks.moe import param_counts
 
     std = row_config("tiny", "standard", ["model.n_layer=5"], tmp_path)
     moe = row_config("tiny", "moe", ["model.n_layer=5"], tmp_path, seed=1)
@@ -267,7 +267,7 @@ def test_moe_depth_matches_active_parameters(tmp_path):
 
 def test_gpu_chain_adds_long_context_rows(tmp_path):
     """--preset gpu runs gpu, then gpu-long: T 4096, window 256, every row; checked up front."""
-    from gpt2_jax.bench._variants_presets import preset_chain
+    from benchmarks._variants_presets import preset_chain
 
     assert preset_chain("gpu") == ["gpu", "gpu-long"]
     a = variants.parse_args(["--preset", "gpu", "--seeds", "2", "--peers", "none"])

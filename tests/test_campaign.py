@@ -99,7 +99,7 @@ def test_a_second_concurrent_run_is_refused_and_changes_nothing(good_run):
 
 
 def _bench(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "gpt2_jax.bench", *argv]
+    return [sys.executable, "-m", "benchmarks", *argv]
 
 
 MOE = _bench("moe", "--smoke", "--impls", "none", "--train", "--train-steps", "1",

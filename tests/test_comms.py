@@ -63,7 +63,7 @@ def test_collectives_are_counted_per_run_with_ring_bytes():
 
 @pytest.fixture(scope="module")
 def comms_report():
-    argv = [sys.executable, "-m", "gpt2_jax.bench", "comms", "--json", "model.dtype=float32"]
+    argv = [sys.executable, "-m", "benchmarks", "comms", "--json", "model.dtype=float32"]
     for sizes in MESHES.values():
         argv += ["--mesh", ",".join(map(str, sizes))]
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -1,6 +1,6 @@
 """Training throughput: our jitted train step against HF transformers and the torch reference.
 
-    python -m gpt2_jax.bench train [--n-layer 4[,8,...]] [--n-head 4] [--n-embd 256]
+    python -m benchmarks train [--n-layer 4[,8,...]] [--n-head 4] [--n-embd 256]
         [--batch-size 8] [--seq-len 256] [--steps 10] [--rounds 3] [--peers hf,torch_ref]
         [--shapes] [--attention-impl auto] [--loss-impl full[,chunked]] [--loss-chunk 128]
         [--layouts unrolled[,scanned]] [--peer-malloc default[,tuned]] [--profile DIR] [--json]
@@ -16,7 +16,7 @@ rounds; the first is "ours".
 Each torch peer runs in a worker process of its own, with glibc's allocator as torch users
 get it (`--peer-malloc default`) or with the settings our entry points apply
 (`gpt2_jax.host_malloc`, `--peer-malloc tuned`); a comma list runs each peer both ways. Ours
-runs in this process, with whatever `python -m gpt2_jax.bench` set (tuned unless
+runs in this process, with whatever `python -m benchmarks` set (tuned unless
 GPT2_JAX_HOST_MALLOC=default); the header says which.
 
 Every contender trains the same GPT-2 shape (fp32, no dropout, AdamW with the same
@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_jax.bench._flags import int_list, name_list
+from benchmarks import child_env
+from benchmarks._flags import int_list, name_list
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
 PEERS = ("hf", "torch_ref")
@@ -63,14 +64,14 @@ def _set_torch_threads() -> None:
 
 
 class _PeerWorker:
-    """A torch peer built and timed in a child process (`gpt2_jax.bench._peer_worker`)."""
+    """A torch peer built and timed in a child process (`benchmarks._peer_worker`)."""
 
     def __init__(self, kind: str, args, tokens_BT: np.ndarray, malloc: str):
         shape = {k: getattr(args, k) for k in SHAPE_KEYS}
         spec = {"kind": kind, "args": shape, "tokens": tokens_BT.tolist(),
                 "tuned_malloc": malloc == "tuned"}  # fmt: skip
-        env = dict(os.environ, GPT2_JAX_HOST_MALLOC=malloc)
-        cmd = [sys.executable, "-m", "gpt2_jax.bench._peer_worker"]
+        env = child_env(dict(os.environ, GPT2_JAX_HOST_MALLOC=malloc))
+        cmd = [sys.executable, "-m", "benchmarks._peer_worker"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)  # fmt: skip
         self._send(json.dumps(spec))
@@ -89,7 +90,7 @@ class _PeerWorker:
         return float(self._receive())
 
     def profile(self, n: int, top: int) -> dict:
-        """getrusage figures and the top ops (`gpt2_jax.bench.profile`) over n steps."""
+        """getrusage figures and the top ops (`benchmarks.profile`) over n steps."""
         self._send(f"profile {n} {top}")
         return json.loads(self._receive())
 
@@ -309,7 +310,7 @@ def _loss_impls(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgParser(prog="python -m gpt2_jax.bench train", description=__doc__,
+    p = ArgParser(prog="python -m benchmarks train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--n-layer", default="4", help="comma list of depths, one row each")
     p.add_argument("--n-head", type=int, default=4)

@@ -1,4 +1,4 @@
-"""Rows, presets and their CPU time estimates for `python -m gpt2_jax.bench variants`.
+"""Rows, presets and their CPU time estimates for `python -m benchmarks variants`.
 
 Rows change the preset's Standard GPT-2 in one or more ways: RoPE; GQA with n_kv_head =
 n_head / 4; a sliding window (the preset's `window`, else w = seq_len / 4); and `moe`, 8 experts

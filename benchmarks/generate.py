@@ -1,6 +1,6 @@
 """Generation: KV-cached decoding against full recomputation, cache bytes, speculative decoding.
 
-    python -m gpt2_jax.bench generate [--parts decode,memory,speculative]
+    python -m benchmarks generate [--parts decode,memory,speculative]
         [--contexts 128,256,512,1024] [--new-tokens 24] [--repeats 3] [--model 12x768x12]
         [--variants mha,gqa,swa] [--window 128] [--vocab-size 50257] [--lengths 256,512,1024]
         [--target 6x384x8] [--draft 2x64x2] [--train-steps 200] [--speculative-k 2,4]
@@ -51,8 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt2_jax.bench._flags import int_list, name_list
-from gpt2_jax.bench._generate_host import host_lines, host_targets, run_host
+from benchmarks._flags import int_list, name_list
+from benchmarks._generate_host import host_lines, host_targets, run_host
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
@@ -79,7 +79,7 @@ def _shape(text: str, flag: str) -> tuple[int, int, int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgParser(
-        prog="python -m gpt2_jax.bench generate",
+        prog="python -m benchmarks generate",
         description="Cached vs recomputed decoding, KV-cache bytes and speculative decoding.",
     )
     p.add_argument("--parts", default=",".join(DEFAULT_PARTS),

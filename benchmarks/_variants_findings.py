@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from gpt2_jax.bench._variants_stats import summary
+from benchmarks._variants_stats import summary
 
 EARLY_MARGIN = 0.5  # nats under the unigram baseline that count as past early learning
 LONG_CONTEXT = 2048

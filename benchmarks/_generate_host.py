@@ -1,4 +1,4 @@
-"""The `host` part of `python -m gpt2_jax.bench generate`: host time per decode step."""
+"""The `host` part of `python -m benchmarks generate`: host time per decode step."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ TARGET_MS = 1.0  # issue #19: at most 1 ms of host time per token
 
 def _run_once(model, keys_B, tokens: int) -> tuple[float, float, float]:
     """(host s/step, wall s/step, setup host s) of one greedy decode_steps run."""
-    from gpt2_jax.bench.generate import _tokens
+    from benchmarks.generate import _tokens
     from gpt2_jax.generate import decode_steps
     from gpt2_jax.sampling import Sampling
 
@@ -38,7 +38,7 @@ def _run_once(model, keys_B, tokens: int) -> tuple[float, float, float]:
 
 def run_host(a: argparse.Namespace, emit) -> list[dict]:
     """Host time per decode step of gpt2_jax.generate on the narrow `--host-model`."""
-    from gpt2_jax.bench.generate import _init
+    from benchmarks.generate import _init
     from gpt2_jax.generate import sample_keys
 
     n_layer, n_embd, n_head = a.host_model

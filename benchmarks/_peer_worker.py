@@ -3,7 +3,7 @@
 The parent writes one JSON line: {"kind", "args", "tokens", "tuned_malloc"}. The worker
 builds and warms up the peer, answers "ready", then for every line holding a step count n
 answers the median seconds per step over n timed steps; for "profile n top", one JSON line
-of `gpt2_jax.bench.profile`'s figures over n steps. It exits when its stdin closes.
+of `benchmarks.profile`'s figures over n steps. It exits when its stdin closes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def main() -> int:
         host_malloc.tune()
     import numpy as np
 
-    from gpt2_jax.bench.train import _set_torch_threads, _timed, _torch
+    from benchmarks.train import _set_torch_threads, _timed, _torch
 
     _set_torch_threads()
     tokens_BT = np.asarray(spec["tokens"], np.int32)
@@ -39,7 +39,7 @@ def main() -> int:
 def _profile(step, sync, n: int, top: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from gpt2_jax.bench.profile import TORCH_MATMULS, usage_per_step
+    from benchmarks.profile import TORCH_MATMULS, usage_per_step
 
     record = usage_per_step(step, sync, n + 2)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -1,6 +1,6 @@
 """Where one train step's time goes, ours against HF's: kernel time, page faults, op groups.
 
-    python -m gpt2_jax.bench profile [--n-layer 4] [--n-head 12] [--n-embd 768]
+    python -m benchmarks profile [--n-layer 4] [--n-head 12] [--n-embd 768]
         [--batch-size 4] [--seq-len 256] [--steps 3] [--peers hf] [--peer-malloc tuned]
         [--top 12] [--json]
 
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_jax.bench._flags import name_list
-from gpt2_jax.bench.train import MALLOCS, PEERS, _PeerWorker, _timed
+from benchmarks._flags import name_list
+from benchmarks.train import MALLOCS, PEERS, _PeerWorker, _timed
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
 TORCH_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
@@ -79,8 +79,8 @@ def thunk_groups(trace_file: Path, hlo_text: str, n_steps: int) -> dict[str, flo
 def _ours(args, tokens_BT: np.ndarray) -> dict:
     import jax
 
+    from benchmarks.train import _ours as build
     from gpt2_jax import host_malloc
-    from gpt2_jax.bench.train import _ours as build
 
     step, sync, hlo_text = build(args, tokens_BT, "chunked", False)
     record = {"name": "gpt2_jax", "host_malloc": "tuned" if host_malloc.tuned() else "default"}
@@ -122,7 +122,7 @@ def _report(records: list[dict], args) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgParser(prog="python -m gpt2_jax.bench profile", description=__doc__,
+    p = ArgParser(prog="python -m benchmarks profile", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=12)

@@ -1,6 +1,6 @@
 """Where a training step's time goes: each piece of a GPT-2 layer, ours against HF's torch.
 
-    python -m gpt2_jax.bench pieces [--n-embd 256] [--n-head 8] [--batch-size 8]
+    python -m benchmarks pieces [--n-embd 256] [--n-head 8] [--batch-size 8]
         [--seq-len 256] [--attention-impl auto] [--repeats 5] [--rounds 3] [--json]
 
 Forward + backward (gradients of the inputs and the parameters, for a fixed random
@@ -193,7 +193,7 @@ def _table(records: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgParser(prog="python -m gpt2_jax.bench pieces", description=__doc__,
+    p = ArgParser(prog="python -m benchmarks pieces", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--n-embd", type=int, default=256)
     p.add_argument("--n-head", type=int, default=8)

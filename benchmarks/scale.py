@@ -1,6 +1,6 @@
 """Compile time and compiled memory of the train step at every GPT-2 size, without allocating.
 
-    python -m gpt2_jax.bench scale [--configs gpt2-124m,gpt2-350m,gpt2-774m,gpt2-1.5b]
+    python -m benchmarks scale [--configs gpt2-124m,gpt2-350m,gpt2-774m,gpt2-1.5b]
         [--layouts unrolled,scanned] [--loss-impls full,chunked] [--batch-size 16]
         [--seq-len 1024] [--mesh data=1,fsdp=1,tensor=1] [--remat config] [--dtype float32]
         [--out FILE] [--json]
@@ -26,8 +26,8 @@ import os
 import sys
 import time
 
-from gpt2_jax.bench._flags import name_list
-from gpt2_jax.bench._out import check_json_path, write_json
+from benchmarks._flags import name_list
+from benchmarks._out import check_json_path, write_json
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
 CONFIGS = ("gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b")
@@ -139,7 +139,7 @@ def table(records: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgParser(prog="python -m gpt2_jax.bench scale", description=__doc__,
+    p = ArgParser(prog="python -m benchmarks scale", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma list of configs/ names")
     p.add_argument("--layouts", default="unrolled,scanned", help="comma list: unrolled,scanned")

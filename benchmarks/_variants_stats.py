@@ -1,4 +1,4 @@
-"""Statistics over seeds for `python -m gpt2_jax.bench variants`, without scipy.
+"""Statistics over seeds for `python -m benchmarks variants`, without scipy.
 
 Interval: the 95% Student-t interval of the mean, mean ± t_{0.975, n−1} · s / √n, with s the
 sample standard deviation (n − 1 in the denominator); none with one seed.

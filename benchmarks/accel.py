@@ -1,6 +1,6 @@
 """The accelerator check: one command that measures what a GPU / TPU user gets, in minutes.
 
-    python -m gpt2_jax.bench accel [--batch-size 16] [--seq-len 1024] [--steps 20]
+    python -m benchmarks accel [--batch-size 16] [--seq-len 1024] [--steps 20]
         [--new-tokens 256] [--out FILE] [--smoke]
 
 Prints, in bf16 on the first device:
@@ -22,7 +22,7 @@ import functools
 import sys
 import time
 
-from gpt2_jax.bench._out import check_json_path, write_json
+from benchmarks._out import check_json_path, write_json
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
 LAYOUTS = (("unrolled", False), ("scanned", True))
@@ -195,7 +195,7 @@ def table(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgParser(prog="python -m gpt2_jax.bench accel", description=__doc__,
+    p = ArgParser(prog="python -m benchmarks accel", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)

@@ -1,6 +1,6 @@
 """What the compiled train step moves between devices, against the analytic ideal per mesh.
 
-    python -m gpt2_jax.bench comms [--mesh DATA,FSDP,TENSOR ...] [--config YAML]
+    python -m benchmarks comms [--mesh DATA,FSDP,TENSOR ...] [--config YAML]
         [section.key=value ...] [--json]
 
 The step is compiled abstractly (no weights are allocated, nothing runs) on each mesh; on a
@@ -29,7 +29,8 @@ import subprocess
 import sys
 from dataclasses import asdict
 
-from gpt2_jax.bench._flags import int_list
+from benchmarks import child_env
+from benchmarks._flags import int_list
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
 DEFAULT_MESHES = ("1,8,1", "2,4,1", "4,1,2")
@@ -44,7 +45,7 @@ _CHILD = "GPT2_JAX_COMMS_CHILD"  # set in the rerun with forced host devices
 
 
 def _parser() -> ArgParser:
-    p = ArgParser(prog="python -m gpt2_jax.bench comms", description=__doc__.split("\n")[0])
+    p = ArgParser(prog="python -m benchmarks comms", description=__doc__.split("\n")[0])
     p.add_argument(
         "--mesh",
         action="append",
@@ -79,10 +80,8 @@ def _rerun_with_devices(n: int, argv: list[str]) -> int | None:
     if jax.default_backend() != "cpu":
         raise UserError(f"the meshes need {n} devices but there are {jax.device_count()}")
     flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), **{_CHILD: "1"})
-    return subprocess.run(
-        [sys.executable, "-m", "gpt2_jax.bench", "comms", *argv], env=env
-    ).returncode
+    env = child_env(dict(os.environ, XLA_FLAGS=flags.strip(), **{_CHILD: "1"}))
+    return subprocess.run([sys.executable, "-m", "benchmarks", "comms", *argv], env=env).returncode
 
 
 def compile_step(cfg, sizes: tuple[int, int, int]):

@@ -1,4 +1,4 @@
-"""The Markdown tables of `python -m gpt2_jax.bench variants` (plots: `_variants_plots`)."""
+"""The Markdown tables of `python -m benchmarks variants` (plots: `_variants_plots`)."""
 
 from __future__ import annotations
 

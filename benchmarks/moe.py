@@ -1,7 +1,7 @@
 """Mixture-of-Experts cost: one MoE layer against the dense MLP of the same active FLOPs, and a
 dense model against a MoE model of the same active parameters, trained alike.
 
-    python -m gpt2_jax.bench moe [--batch-size 8] [--seq-len 1024] [--n-embd 256]
+    python -m benchmarks moe [--batch-size 8] [--seq-len 1024] [--n-embd 256]
         [--experts 4,8,16,32] [--top-k 2] [--impls grouped,ragged] [--repeats 5]
         [--train [--train-steps 200] [--dense-layers 5] [--moe-layers 3] [--train-experts 8]
          [--train-impl auto] [--work-dir DIR] [section.key=value ...]]
@@ -54,8 +54,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2_jax.bench._flags import int_list, name_list
-from gpt2_jax.bench._out import check_json_path, check_work_dir, write_json
+from benchmarks._flags import int_list, name_list
+from benchmarks._out import check_json_path, check_work_dir, write_json
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
 IMPLS = ("grouped", "ragged", "dense")
@@ -385,7 +385,7 @@ def train_table(records: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgParser(prog="python -m gpt2_jax.bench moe", description=__doc__,
+    p = ArgParser(prog="python -m benchmarks moe", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--batch-size", type=int, default=None, help="layer: sequences (8)")
     p.add_argument("--seq-len", type=int, default=None, help="layer: tokens per sequence (1024)")

@@ -1,10 +1,10 @@
 """The variant study: Standard GPT-2, + RoPE, + GQA, + sliding window, + MoE, trained over
 seeds and measured, with each claim of the write-up tested where the preset can test it.
 
-    python -m gpt2_jax.bench variants --preset tiny|cpu|quality|long|gpu|gpu-long [--seeds N]
+    python -m benchmarks variants --preset tiny|cpu|quality|long|gpu|gpu-long [--seeds N]
         [--out DIR] [--rows ...] [--peers ...] [--rounds N] [--round-steps N]
         [--work-dir DIR] [--json] [section.key=value ...]
-    python -m gpt2_jax.bench variants --combine DIR[,DIR...] [--out DIR]
+    python -m benchmarks variants --combine DIR[,DIR...] [--out DIR]
 
 Every row trains with `gpt2_jax.train.train` on the built-in Shakespeare plays for the same
 number of tokens; `--seeds N` trains each row N times, seed s with train.seed = the preset's
@@ -53,11 +53,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpt2_jax.bench._flags import name_list
-from gpt2_jax.bench._out import check_work_dir, fresh_out_dir
-from gpt2_jax.bench._variants_findings import write_findings
-from gpt2_jax.bench._variants_plots import plots
-from gpt2_jax.bench._variants_presets import (
+from benchmarks import child_env
+from benchmarks._flags import name_list
+from benchmarks._out import check_work_dir, fresh_out_dir
+from benchmarks._variants_findings import write_findings
+from benchmarks._variants_plots import plots
+from benchmarks._variants_presets import (
     MULTIPLES,
     PEERS,
     PRESETS,
@@ -67,15 +68,15 @@ from gpt2_jax.bench._variants_presets import (
     row_config,
     say,
 )
-from gpt2_jax.bench._variants_report import markdown
-from gpt2_jax.bench._variants_stats import INTERVAL, TEST, aggregate, compare_to_standard
+from benchmarks._variants_report import markdown
+from benchmarks._variants_stats import INTERVAL, TEST, aggregate, compare_to_standard
 from gpt2_jax.config import config_from_dict, to_dict
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
 
 def _build_parser() -> ArgParser:
     p = ArgParser(
-        prog="python -m gpt2_jax.bench variants",
+        prog="python -m benchmarks variants",
         description="Train and measure the GPT-2 variants side by side, over seeds.",
     )
     p.add_argument(
@@ -165,10 +166,10 @@ class RowProcess:
         say(f"[{index}] {self.name}: {doing}")
         path = work / f"{spec['preset']}-{spec['key']}-seed{spec['seed']}.spec.json"
         path.write_text(json.dumps(spec))
-        env = dict(os.environ)
+        env = child_env()
         if spec["kind"] != "jax":  # torch may own the GPU; jax (the lr schedule) stays on CPU
             env["JAX_PLATFORMS"] = "cpu"
-        cmd = [sys.executable, "-m", "gpt2_jax.bench._variants_rows", str(path)]
+        cmd = [sys.executable, "-m", "benchmarks._variants_rows", str(path)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)  # fmt: skip
         self.record: dict = {}
@@ -199,7 +200,7 @@ class RowProcess:
 
     def finish(self, round_steps: int) -> dict:
         """This seed's record of the row, with the timings over rounds; the process exits."""
-        from gpt2_jax.bench._variants_rows import mfu
+        from benchmarks._variants_rows import mfu
 
         final = self._ask(cmd="quit")["final"]
         self.proc.wait()

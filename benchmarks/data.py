@@ -1,6 +1,6 @@
 """Data-pipeline speed: tokenisation MB/s, `prepare` wall time, and batch latency.
 
-`python -m gpt2_jax.bench data [--source shakespeare] [--threads 1 2] [--repeats 3]`
+`python -m benchmarks data [--source shakespeare] [--threads 1 2] [--repeats 3]`
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _latency_ms(fn, n: int) -> tuple[float, float, float]:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgParser(prog="python -m gpt2_jax.bench data", description=__doc__)
+    parser = ArgParser(prog="python -m benchmarks data", description=__doc__)
     parser.add_argument("--source", default="shakespeare", help="data.source to measure")
     parser.add_argument(
         "--threads", type=int, nargs="+", default=[1, 2], help="tokeniser thread counts"

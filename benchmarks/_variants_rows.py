@@ -1,6 +1,6 @@
-"""One row of `python -m gpt2_jax.bench variants`, in its own process.
+"""One row of `python -m benchmarks variants`, in its own process.
 
-    python -m gpt2_jax.bench._variants_rows SPEC.json
+    python -m benchmarks._variants_rows SPEC.json
 
 A row is a spec dict (`kind` jax | hf | ref, the full `config`, measurement settings). The
 process trains and measures the row, sends `{"ready": record}` as one JSON line on stdout, then
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._variants_presets import MULTIPLES
 from gpt2_jax import host_malloc
-from gpt2_jax.bench._variants_presets import MULTIPLES
 from gpt2_jax.config import Config, config_from_dict
 from gpt2_jax.errors import UserError, cli_main
 
@@ -394,7 +394,7 @@ class TorchRow:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise UserError("usage: python -m gpt2_jax.bench._variants_rows SPEC.json")
+        raise UserError("usage: python -m benchmarks._variants_rows SPEC.json")
     spec = json.loads(Path(argv[0]).read_text())
     # Replies go to a private copy of stdout; anything else printed lands on stderr.
     replies = os.fdopen(os.dup(1), "w")

@@ -1,4 +1,4 @@
-"""The PNG plots of `python -m gpt2_jax.bench variants`: validation loss over training with a
+"""The PNG plots of `python -m benchmarks variants`: validation loss over training with a
 min–max band over seeds; validation perplexity against the window length (multiples of the
 training length), min–max error bars over seeds; throughput and memory bars whose error bars
 are the 95% t interval over seeds (with one seed: the range over timing rounds, or none)."""

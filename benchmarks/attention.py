@@ -1,6 +1,6 @@
 """Attention backends: forward+backward time and peak memory against sequence length.
 
-    python -m gpt2_jax.bench attention [--seq-lens 1024,...] [--windows none,256]
+    python -m benchmarks attention [--seq-lens 1024,...] [--windows none,256]
         [--impls xla,chunked,blocked] [--n-head 4] [--n-kv-head 4] [--head-dim 64] [--batch 1]
         [--dtype float32] [--block 128] [--repeats 3] [--json] [--plot PNG|none]
 
@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax.bench._flags import int_list
-from gpt2_jax.bench._out import fresh_out_dir
+from benchmarks import child_env
+from benchmarks._flags import int_list
+from benchmarks._out import fresh_out_dir
 from gpt2_jax.config import ATTENTION_IMPLS
 from gpt2_jax.errors import UserError, cli_main
 
@@ -77,7 +78,7 @@ def _impls(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m gpt2_jax.bench attention",
+        prog="python -m benchmarks attention",
         description="Forward+backward time and peak memory of the attention backends.",
     )
     p.add_argument("--seq-lens", default="1024,2048,4096,8192,16384", help="comma-separated T")
@@ -224,13 +225,13 @@ def measure(impl: str, T: int, window: int | None, a: argparse.Namespace) -> dic
 
 
 def _measure_isolated(impl: str, T: int, window: int | None, a: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "gpt2_jax.bench", "attention", "--json", "--plot", "none"]
+    cmd = [sys.executable, "-m", "benchmarks", "attention", "--json", "--plot", "none"]
     cmd += ["--isolate", "off", "--impls", impl, "--seq-lens", str(T)]
     cmd += ["--windows", "none" if window is None else str(window)]
     cmd += ["--n-head", str(a.n_head), "--n-kv-head", str(a.n_kv_head)]
     cmd += ["--head-dim", str(a.head_dim), "--batch", str(a.batch), "--dtype", a.dtype]
     cmd += ["--repeats", str(a.repeats)] + ([] if a.block is None else ["--block", str(a.block)])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"measuring {impl} T={T} window={window} failed: {last}")
