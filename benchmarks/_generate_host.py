@@ -7,21 +7,21 @@ import collections
 import statistics
 import time
 
+from benchmarks._models import random_model, random_tokens
 from gpt2_jax.config import ModelConfig
 
 HOST_VOCAB, HOST_PROMPT_LEN = 64, 8
 HOST_FIELDS = ("kind", "model", "tokens", "host_ms_per_token", "wall_ms_per_token",
                "setup_host_ms")  # fmt: skip
-TARGET_MS = 1.0  # issue #19: at most 1 ms of host time per token
+TARGET_MS = 1.0  # the target: at most 1 ms of host time per token
 
 
 def _run_once(model, keys_B, tokens: int) -> tuple[float, float, float]:
     """(host s/step, wall s/step, setup host s) of one greedy decode_steps run."""
-    from benchmarks.generate import _tokens
+    from gpt2_jax.decode.sampling import Sampling
     from gpt2_jax.generate import decode_steps
-    from gpt2_jax.sampling import Sampling
 
-    prompt_BT = _tokens(HOST_VOCAB, HOST_PROMPT_LEN, 0)
+    prompt_BT = random_tokens(HOST_VOCAB, HOST_PROMPT_LEN, 0)
     c0 = time.thread_time()
     # The first next() prefills and dispatches step 1; the loop then dispatches `tokens` more.
     steps = decode_steps(model, prompt_BT, max_new_tokens=tokens + 2, sampling=Sampling(0.0),
@@ -38,13 +38,12 @@ def _run_once(model, keys_B, tokens: int) -> tuple[float, float, float]:
 
 def run_host(a: argparse.Namespace, emit) -> list[dict]:
     """Host time per decode step of gpt2_jax.generate on the narrow `--host-model`."""
-    from benchmarks.generate import _init
     from gpt2_jax.generate import sample_keys
 
     n_layer, n_embd, n_head = a.host_model
     cfg = ModelConfig(vocab_size=HOST_VOCAB, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                       pos_embedding="rope", dtype="float32")  # fmt: skip
-    model, keys_B = _init(cfg, a.seed), sample_keys(0, 1)
+    model, keys_B = random_model(cfg, a.seed), sample_keys(0, 1)
     _run_once(model, keys_B, a.host_tokens)  # compiles
     runs = [_run_once(model, keys_B, a.host_tokens) for _ in range(a.repeats)]
     host, wall, setup = (1e3 * statistics.median(r[i] for r in runs) for i in range(3))

@@ -258,7 +258,7 @@ def preset_chain(name: str) -> list[str]:
 
 
 # CPU cost model (fp32, 2 cores), fitted on the 2-core Intel Xeon (Sapphire Rapids) of
-# 2026-12-02, where the quality and long presets were run (BENCHMARKS.md, issue 15):
+# 2026-12-02, where the quality and long presets were run (BENCHMARKS.md):
 # - a training token costs CPU_PARAM_S per active matmul weight outside attention: the quality
 #   preset's Standard row trained at 2,800 tok/s (0.73 s per 2048-token step) at 7.42M
 #   weights, of which ≈ 0.05 s attention; the 2-core AMD EPYC of 2026-12-01 took 1.20 s per

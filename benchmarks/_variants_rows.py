@@ -80,9 +80,9 @@ def _cpu_device() -> str:
 
 
 def mfu(cfg: Config, n_params_no_pos: int, tok_s: float | None, device: str) -> float | None:
-    """PaLM MFU of `tok_s` against gpt2_jax.metrics' peak table (or train.peak_flops); None on
-    CPU, which has no fixed peak, and on a device the table lacks."""
-    from gpt2_jax.metrics import flops_per_token, table_peak_flops
+    """PaLM MFU of `tok_s` against gpt2_jax.training.metrics' peak table (or
+    train.peak_flops); None on CPU, which has no fixed peak, and on a device the table lacks."""
+    from gpt2_jax.training.metrics import flops_per_token, table_peak_flops
 
     if device.startswith("cpu") or tok_s is None:
         return None
@@ -96,8 +96,8 @@ def xla_train_step_bytes(cfg: Config) -> int:
     """Compiled memory analysis of the train step `train()` runs (same Trainer, same shapes)."""
     import jax
 
-    from gpt2_jax import sharding
-    from gpt2_jax.train_step import Trainer
+    from gpt2_jax.parallel import sharding
+    from gpt2_jax.training.step import Trainer
 
     t = cfg.train
     trainer = Trainer(cfg.model, t, sharding.make_mesh(cfg.mesh))
@@ -147,10 +147,10 @@ class JaxRow:
     def __init__(self, spec: dict, say):
         import jax
 
-        from gpt2_jax.checkpoint import load_model_weights
         from gpt2_jax.data import TokenDataset
-        from gpt2_jax.kv_cache import bytes_per_token, cache_size
-        from gpt2_jax.model import count_params
+        from gpt2_jax.decode.kv_cache import bytes_per_token, cache_size
+        from gpt2_jax.formats.checkpoint import load_model_weights
+        from gpt2_jax.model.gpt import count_params
         from gpt2_jax.train import train
 
         self.cfg = cfg = config_from_dict(spec["config"])
@@ -218,10 +218,10 @@ class JaxRow:
         """The trained state and the same compiled step, continuing the batch order."""
         import jax
 
-        from gpt2_jax import sharding
-        from gpt2_jax.checkpoint import Checkpointer
         from gpt2_jax.data import make_train_loader
-        from gpt2_jax.train_step import Trainer
+        from gpt2_jax.formats.checkpoint import Checkpointer
+        from gpt2_jax.parallel import sharding
+        from gpt2_jax.training.step import Trainer
 
         cfg, t = self.cfg, self.cfg.train
         self.trainer = Trainer(cfg.model, t, sharding.make_mesh(cfg.mesh))
@@ -252,8 +252,8 @@ class JaxRow:
     def time_decode(self) -> float:
         """Seconds of greedy decoding from the end of the prompt to the fixed context, prefill
         excluded: the decode_new − 1 steps after the first new token."""
+        from gpt2_jax.decode.sampling import Sampling
         from gpt2_jax.generate import decode_steps, sample_keys
-        from gpt2_jax.sampling import Sampling
 
         keys_B = sample_keys(0, self.prompt_BT.shape[0])
         steps = decode_steps(self.model, self.prompt_BT, max_new_tokens=self.new,
@@ -278,7 +278,7 @@ def _torch_model(kind: str, cfg: Config):
     if kind == "hf":
         import transformers
 
-        from gpt2_jax.hf_format import EXTRA_KEYS, hf_config_dict
+        from gpt2_jax.formats.hf_format import EXTRA_KEYS, hf_config_dict
 
         transformers.logging.set_verbosity_error()
         drop = (*EXTRA_KEYS, "model_type", "architectures")
@@ -297,7 +297,7 @@ class TorchRow:
         import torch
 
         from gpt2_jax.data import make_train_loader
-        from gpt2_jax.optim import lr_schedule
+        from gpt2_jax.training.optim import lr_schedule
 
         self.cfg = cfg = config_from_dict(spec["config"])
         t = cfg.train

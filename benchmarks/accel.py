@@ -47,7 +47,7 @@ def attention_check(impl: str, B: int, T: int, repeats: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from gpt2_jax.attention import dot_product_attention
+    from gpt2_jax.model.attention import dot_product_attention
 
     N, K, H = 12, 4, 64
     keys = jax.random.split(jax.random.key(0), 4)
@@ -85,10 +85,10 @@ def training(cfg, steps: int) -> list[dict]:
     import jax
     import numpy as np
 
-    from gpt2_jax.metrics import flops_per_token, peak_flops_per_device
-    from gpt2_jax.model import count_params
-    from gpt2_jax.sharding import make_mesh
-    from gpt2_jax.train_step import Trainer
+    from gpt2_jax.model.gpt import count_params
+    from gpt2_jax.parallel.sharding import make_mesh
+    from gpt2_jax.training.metrics import flops_per_token, peak_flops_per_device
+    from gpt2_jax.training.step import Trainer
 
     t = cfg.train
     peak, peak_source = peak_flops_per_device(t.peak_flops)
@@ -129,7 +129,7 @@ def decode(cfg, new_tokens: int) -> dict:
     from flax import nnx
 
     from gpt2_jax.generate import generate
-    from gpt2_jax.model import GPT
+    from gpt2_jax.model.gpt import GPT
 
     model = GPT(cfg.model, rngs=nnx.Rngs(0))
     model.eval()

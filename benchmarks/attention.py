@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="batch size B")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--block", type=int, default=None, help="tile size of `blocked` (default: "
-                   "gpt2_jax.blocked_attention.DEFAULT_BLOCK)")  # fmt: skip
+                   "gpt2_jax.ops.blocked_attention.DEFAULT_BLOCK)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="timed calls per point (best is kept)")
     p.add_argument("--json", action="store_true", help="print one JSON object per measurement")
     p.add_argument("--plot", default=None, help="log-log PNG to write, or 'none' (default: "
@@ -119,8 +119,8 @@ def _jax_point(impl: str, T: int, window: int | None, a: argparse.Namespace) -> 
     import jax
     import jax.numpy as jnp
 
-    from gpt2_jax.attention import dot_product_attention
-    from gpt2_jax.blocked_attention import DEFAULT_BLOCK
+    from gpt2_jax.model.attention import dot_product_attention
+    from gpt2_jax.ops.blocked_attention import DEFAULT_BLOCK
 
     dtype = jnp.dtype(a.dtype)
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         ["xla", "chunked", "blocked"] + (["cudnn", "torch"] if backend == "gpu" else [])
     )  # fmt: skip
     if "cudnn" in impls:
-        from gpt2_jax.attention import require_cudnn
+        from gpt2_jax.model.attention import require_cudnn
 
         require_cudnn(a.dtype)  # refuse before measuring anything
     isolate = a.isolate == "on" or (a.isolate == "auto" and backend == "gpu")

@@ -5,7 +5,7 @@
 
 The step is compiled abstractly (no weights are allocated, nothing runs) on each mesh; on a
 CPU without enough devices the command reruns itself with XLA forcing that many host
-devices. Collectives are read from the optimised HLO (gpt2_jax.hlo_collectives) and counted
+devices. Collectives are read from the optimised HLO (gpt2_jax.parallel.hlo_collectives) and counted
 per step, loops included. Without --config the shape is GPT-2 small's width with 2 layers,
 T 1024, global batch 64, grad_accum 2, bf16.
 
@@ -90,8 +90,8 @@ def compile_step(cfg, sizes: tuple[int, int, int]):
     import jax.numpy as jnp
 
     from gpt2_jax.config import MeshConfig
-    from gpt2_jax.sharding import make_mesh
-    from gpt2_jax.train_step import Trainer
+    from gpt2_jax.parallel.sharding import make_mesh
+    from gpt2_jax.training.step import Trainer
 
     data, fsdp, tensor = sizes
     mesh_cfg = MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
@@ -146,7 +146,7 @@ def report(cfg, sizes: tuple[int, int, int], hlo_dir: str | None = None) -> dict
 
     import jax
 
-    from gpt2_jax.hlo_collectives import collectives, summary
+    from gpt2_jax.parallel.hlo_collectives import collectives, summary
 
     compiled, trainer = compile_step(cfg, sizes)
     hlo = compiled.as_text()

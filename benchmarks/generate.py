@@ -17,7 +17,7 @@ round it up to a bucket). Times are medians per token, compilation excluded; bot
 point run back to back. Cache bytes are those of the cache arrays the decode step returns.
 
 memory: `swa` decodes max(`--lengths`) tokens and reports its live cache arrays after each
-length; `mha` and `gqa` report the cache gpt2_jax.kv_cache allocates for that length.
+length; `mha` and `gqa` report the cache gpt2_jax.decode.kv_cache allocates for that length.
 
 speculative: a target and a small draft (RoPE, GPT-2 vocabulary) trained for `--train-steps`
 steps each on the built-in Shakespeare text with gpt2_jax.train (0 = random weights) continue
@@ -53,6 +53,7 @@ from flax import nnx
 
 from benchmarks._flags import int_list, name_list
 from benchmarks._generate_host import host_lines, host_targets, run_host
+from benchmarks._models import random_model, random_tokens
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
@@ -145,31 +146,6 @@ def variants(a: argparse.Namespace) -> dict[str, ModelConfig]:
     return {name: every[name] for name in a.variants}
 
 
-@functools.cache  # one model per config: later parts reuse its compiled steps
-def _init(cfg: ModelConfig, seed: int):
-    """A GPT with GPT-2-style random weights (normal 0.02, unit LayerNorm scales, zero biases),
-    drawn with NumPy: jitted or eager initialisation would compile, and timing needs no more."""
-    from gpt2_jax.model import GPT
-
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(seed))))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        name = next(str(k.key) for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.key(seed)  # dropout streams, unused in eval mode
-        if name == "scale":
-            return np.ones(x.shape, x.dtype)
-        if name == "bias" or not jnp.issubdtype(x.dtype, jnp.floating):
-            return np.zeros(x.shape, x.dtype)
-        return (0.02 * rng.standard_normal(x.shape, np.float32)).astype(x.dtype)
-
-    # Device arrays: NumPy leaves would be copied to the device on every jitted call.
-    model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, jax.tree.map_with_path(draw, state)))
-    model.eval()
-    return model
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _recompute_step(graphdef, state, tokens_BT):
     """The next greedy token without a cache: the model's blocks over all T tokens."""
@@ -188,8 +164,8 @@ def cached_steps(model, prompt_BT: jax.Array, steps: int) -> Iterator[tuple[floa
     for, with a cache of exactly T + steps + 1 slots. Yields each step's seconds and the live
     cache it returned."""
     from gpt2_jax import generate as G
-    from gpt2_jax.kv_cache import cache_size
-    from gpt2_jax.sampling import Sampling
+    from gpt2_jax.decode.kv_cache import cache_size
+    from gpt2_jax.decode.sampling import Sampling
 
     dec = G.Decoder(model)
     B, T = prompt_BT.shape
@@ -232,19 +208,15 @@ def measure_point(model, tokens_1T: jax.Array, repeats: int, new_tokens: int) ->
     return out
 
 
-def _tokens(vocab_size: int, n: int, seed: int) -> jax.Array:
-    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab_size, (1, n)), jnp.int32)
-
-
 def run_decode(a: argparse.Namespace, emit) -> list[dict]:
     """Recompute and cached decoding at every context, for every variant."""
     records = []
     for name, cfg in variants(a).items():
-        model = _init(cfg, a.seed)
+        model = random_model(cfg, a.seed)
         for T in a.contexts:
             common = {"kind": "decode", "variant": name, "context": T, "n_head": cfg.n_head,
                       "n_kv_head": cfg.n_kv_head, "window": cfg.attention_window}  # fmt: skip
-            for result in measure_point(model, _tokens(cfg.vocab_size, T, a.seed), a.repeats,
+            for result in measure_point(model, random_tokens(cfg.vocab_size, T, a.seed), a.repeats,
                                         a.new_tokens):  # fmt: skip
                 records.append(emit(common | result))
     return records
@@ -252,8 +224,8 @@ def run_decode(a: argparse.Namespace, emit) -> list[dict]:
 
 def run_memory(a: argparse.Namespace, emit) -> list[dict]:
     """Cache bytes after `--lengths` new tokens: swa's live arrays while it decodes the longest
-    length; the cache gpt2_jax.kv_cache allocates for the full-attention variants."""
-    from gpt2_jax.kv_cache import cache_size, init_cache
+    length; the cache gpt2_jax.decode.kv_cache allocates for the full-attention variants."""
+    from gpt2_jax.decode.kv_cache import cache_size, init_cache
 
     records = []
     prompt_len = min(a.contexts)  # the swa prefill and decode step then reuse decode's compiles
@@ -265,10 +237,11 @@ def run_memory(a: argparse.Namespace, emit) -> list[dict]:
                                      "cache_slots": cache.size, "cache_bytes": cache.nbytes,
                                      "source": "allocated"}))  # fmt: skip
             continue
-        model = _init(cfg, a.seed)
+        model = random_model(cfg, a.seed)
         times = []
         for L, (seconds, cache) in enumerate(
-            cached_steps(model, _tokens(cfg.vocab_size, prompt_len, a.seed), max(a.lengths)), 1
+            cached_steps(model, random_tokens(cfg.vocab_size, prompt_len, a.seed), max(a.lengths)),
+            1,
         ):
             times.append(seconds)
             if L in a.lengths:
@@ -315,7 +288,7 @@ def speculative_models(a: argparse.Namespace, work: Path) -> tuple:
     """(target, draft, info): trained with gpt2_jax.train, or random with --train-steps 0."""
     from gpt2_jax.config import DataConfig, load_config
     from gpt2_jax.data import prepare_source
-    from gpt2_jax.loading import load_model
+    from gpt2_jax.formats.loading import load_model
 
     data = work / "data"
     _check_own_data(data, DataConfig())
@@ -326,7 +299,7 @@ def speculative_models(a: argparse.Namespace, work: Path) -> tuple:
             n_layer, n_embd, n_head = shape
             cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                               pos_embedding="rope", dtype="float32")  # fmt: skip
-            models.append(_init(cfg, a.seed))
+            models.append(random_model(cfg, a.seed))
             info |= {f"{role}_val_loss": None, "unigram_val_loss": None}
             continue
         from gpt2_jax.train import train
@@ -355,7 +328,7 @@ def _prompts(work: Path, n: int) -> list[list[int]]:
 
 def run_speculative(a: argparse.Namespace, emit) -> list[dict]:
     """Acceptance and speed-up for each sampling mode and k, on one trained pair."""
-    from gpt2_jax.sampling import Sampling
+    from gpt2_jax.decode.sampling import Sampling
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.train_dir) if a.train_dir else Path(tmp)
@@ -376,7 +349,7 @@ def _speculative_point(target, draft, prompts, n: int, k: int, sampling) -> dict
     """Target-only, draft-only and speculative generation of `n` tokens after each prompt,
     one prompt after another (after a compiling round of each); sample i uses seed i."""
     from gpt2_jax import generate as G
-    from gpt2_jax.speculative import SpecStats, speculative_generate
+    from gpt2_jax.decode.speculative import SpecStats, speculative_generate
 
     def plain(model, prompt, seed):
         return G.generate(model, prompt, max_new_tokens=n, temperature=sampling.temperature,

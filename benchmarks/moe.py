@@ -7,7 +7,7 @@ dense model against a MoE model of the same active parameters, trained alike.
          [--train-impl auto] [--work-dir DIR] [section.key=value ...]]
         [--smoke] [--json] [--out FILE]
 
-Layer section (skipped with `--impls none`): one `gpt2_jax.moe.MoE` layer (fp32, dropless, no
+Layer section (skipped with `--impls none`): one `gpt2_jax.model.moe.MoE` layer (fp32, dropless, no
 dropout) per impl × E, forward and backward (the gradients of the input and of every
 parameter, with the load-balance and z-losses at their default weights, as in training), jit
 compiled, on the same random tokens. The yardstick is a dense GELU MLP D → k·4·D → D: the
@@ -136,7 +136,7 @@ def _wide_mlp(cfg, width: int, rngs):
     import jax
     from flax import nnx
 
-    from gpt2_jax.model import _dense
+    from gpt2_jax.model.gpt import _dense
 
     class WideMLP(nnx.Module):
         def __init__(self):
@@ -182,7 +182,7 @@ def layer_contenders(args, base: dict) -> list[Contender]:
     from flax import nnx
 
     from gpt2_jax.config import ModelConfig
-    from gpt2_jax.moe import MoE
+    from gpt2_jax.model.moe import MoE
 
     B, T, D, k = args.batch_size, args.seq_len, args.n_embd, args.top_k
     kx, kc = jax.random.split(jax.random.key(0))
@@ -321,7 +321,7 @@ def param_counts(cfg) -> dict:
     """Total and active parameters, and the active ones outside the tied embedding / head."""
     from flax import nnx
 
-    from gpt2_jax.model import GPT, count_params
+    from gpt2_jax.model.gpt import GPT, count_params
 
     model = nnx.eval_shape(lambda: GPT(cfg.model, rngs=nnx.Rngs(0)))
     active = count_params(model, matmul_only=True)

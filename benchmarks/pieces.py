@@ -43,9 +43,9 @@ def _ours(a: argparse.Namespace, rng: np.random.Generator) -> dict[str, Callable
     import optax
     from flax import nnx
 
-    from gpt2_jax.attention import dot_product_attention
     from gpt2_jax.config import ModelConfig
-    from gpt2_jax.model import GPT, Block, cross_entropy
+    from gpt2_jax.model.attention import dot_product_attention
+    from gpt2_jax.model.gpt import GPT, Block, cross_entropy
 
     B, T, D, N = a.batch_size, a.seq_len, a.n_embd, a.n_head
     cfg = ModelConfig(n_layer=1, n_head=N, n_embd=D, max_seq_len=T,
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if a.n_embd % a.n_head:
         raise UserError("--n-embd must be divisible by --n-head")
-    from gpt2_jax.attention import resolve_impl
+    from gpt2_jax.model.attention import resolve_impl
 
     resolve_impl(a.attention_impl, np.float32)  # an unknown impl is a one-line error
     records = run(a)

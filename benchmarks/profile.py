@@ -8,7 +8,7 @@ Ours (in this process, chunked loss, as `bench train`): the median step time, th
 faults and the kernel (system) CPU time per step from `getrusage`, then a `jax.profiler`
 trace of `--steps` steps whose thunks are matched to their instructions in the compiled
 step's HLO and summed per group, by the named scopes in their op names: the LM head + loss
-(`gpt2_jax.chunked_loss`), the optimizer update, and the rest of the step, the first and the
+(`gpt2_jax.ops.chunked_loss`), the optimizer update, and the rest of the step, the first and the
 last split into GEMM thunks and everything else. Thunks run on two threads at once and
 XLA's Eigen dots report only their launch, so the groups overlap and undercount: they show
 proportions; the step time is the wall time.
@@ -53,8 +53,8 @@ def usage_per_step(step, sync, n: int) -> dict[str, float]:
 def group_of(thunk: str, op_name: str) -> str:
     """The group a thunk's time is summed into (module doc), by the named scopes in its
     HLO instruction's op_name."""
-    from gpt2_jax.chunked_loss import SCOPE as LOSS
-    from gpt2_jax.train_step import OPTIMIZER_SCOPE
+    from gpt2_jax.ops.chunked_loss import SCOPE as LOSS
+    from gpt2_jax.training.step import OPTIMIZER_SCOPE
 
     scopes = set(re.split(r"[/()]", op_name))  # a scope under jvp reads "jvp(name)"
     if OPTIMIZER_SCOPE in scopes:

@@ -60,7 +60,7 @@ def measure(cfg, mesh) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from gpt2_jax.train_step import Trainer
+    from gpt2_jax.training.step import Trainer
 
     t = cfg.train
     t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def run(args) -> list[dict]:
     import jax
 
     from gpt2_jax.config import MeshConfig, load_config
-    from gpt2_jax.sharding import make_mesh
+    from gpt2_jax.parallel.sharding import make_mesh
     from gpt2_jax.train import resolve_config_path
 
     n = args.mesh["data"] * args.mesh["fsdp"] * args.mesh["tensor"]
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     _ask_for_cpu_devices(args.mesh["data"] * args.mesh["fsdp"] * args.mesh["tensor"])
 
     from gpt2_jax.config import DTYPES, LOSS_IMPLS
-    from gpt2_jax.model import REMAT_POLICIES
+    from gpt2_jax.model.gpt import REMAT_POLICIES
     from gpt2_jax.train import resolve_config_path
 
     args.layouts = name_list(args.layouts, LAYOUTS, "--layouts")

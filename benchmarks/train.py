@@ -6,7 +6,7 @@
         [--layouts unrolled[,scanned]] [--peer-malloc default[,tuned]] [--profile DIR] [--json]
 
 `--n-layer` takes a comma list: one row per depth, so the per-layer cost shows as the
-difference between rows. `--shapes` runs the fixed set SHAPES instead (issue 16's table:
+difference between rows. `--shapes` runs the fixed set SHAPES instead (BENCHMARKS.md's table:
 d 256, 8 heads, B 8, T 256 at 1, 4 and 8 layers; then GPT-2 small's block shape, d 768 and
 12 heads, at 4 layers and B 4) and ends with one line per shape: ours / each peer.
 `--loss-impl` and `--layouts` (`model.scan_layers`) take comma lists too: each combination is
@@ -24,7 +24,7 @@ hyper-parameters, global-norm clipping 1.0) on the same random tokens. Time per 
 median over `--steps` timed steps after warm-up (compilation excluded), and the contenders
 take turns for `--rounds` rounds so that load from other processes hits them alike; each
 figure is the median over rounds. Achieved FLOP/s use the PaLM count (6N + 12·L·d·T per
-token, see gpt2_jax.metrics) and are compared with a jitted fp32 matmul measured here.
+token, see gpt2_jax.training.metrics) and are compared with a jitted fp32 matmul measured here.
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def _ours(args, tokens_BT: np.ndarray, loss_impl: str, scan_layers: bool):
     import jax
 
     from gpt2_jax.config import MeshConfig, ModelConfig, TrainConfig
-    from gpt2_jax.sharding import make_mesh
-    from gpt2_jax.train_step import Trainer
+    from gpt2_jax.parallel.sharding import make_mesh
+    from gpt2_jax.training.step import Trainer
 
     model_cfg = ModelConfig(
         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
@@ -192,7 +192,7 @@ def run(args) -> list[dict]:
 
     from gpt2_jax import host_malloc
     from gpt2_jax.config import ModelConfig
-    from gpt2_jax.metrics import flops_per_token, measure_cpu_matmul_flops
+    from gpt2_jax.training.metrics import flops_per_token, measure_cpu_matmul_flops
 
     cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                       max_seq_len=args.seq_len)  # fmt: skip

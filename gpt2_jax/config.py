@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: str = "auto"  # "auto" | "xla" | "chunked" | "blocked" | "cudnn"
     scan_layers: bool = False  # blocks stacked on a layer axis and run by one scan
-    # Mixture-of-Experts (gpt2_jax.moe): layer i's MLP is routed when i % every == every - 1.
+    # Mixture-of-Experts (gpt2_jax.model.moe): layer i's MLP is routed when i % every == every - 1.
     moe_experts: int = 0  # 0 = dense MLP in every layer
     moe_top_k: int = 2
     moe_every: int = 1  # 2 = every second layer (Switch / GShard)
@@ -243,7 +244,7 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     # Splits MoE experts (each device holds E / expert) and the batch; in the device grid it
-    # sits between fsdp and tensor (gpt2_jax.sharding.MESH_AXES).
+    # sits between fsdp and tensor (gpt2_jax.parallel.sharding.MESH_AXES).
     expert: int = 1
     distributed: str | bool = "auto"  # "auto" | "on" | "off"
 
@@ -357,8 +358,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read `path` (YAML; None = all defaults) and apply `section.key=value` overrides."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    *,
+    model_source: Callable[[str], dict] | None = None,
+) -> Config:
+    """Read `path` (YAML; None = all defaults) and apply `section.key=value` overrides.
+
+    With `train.init_from=PATH` the model is PATH's: `model_source(PATH)` gives its `model`
+    section, and the keys set here go on top as weight surgery. Reading PATH is the formats'
+    business, so without `model_source` such a config is refused; load it with
+    `gpt2_jax.training.init_from.load_config`, which passes one."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -376,13 +387,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         sec[key] = value
     train = data.get("train")
     if isinstance(train, dict) and train.get("init_from"):
-        # The model is the one in init_from, with the keys given here as surgery on top.
-        from gpt2_jax.init_from import model_section
-
+        if model_source is None:
+            raise ConfigError(
+                "train.init_from needs the model config of its source; load this config with "
+                "gpt2_jax.training.init_from.load_config (as python -m gpt2_jax.train does)"
+            )
         model = data.get("model") or {}
         if not isinstance(model, dict):
             raise ConfigError(f"config section 'model' must be a mapping, got {model!r}")
-        data["model"] = model_section(train["init_from"], model)
+        data["model"] = {**model_source(train["init_from"]), **model}
     return config_from_dict(data)
 
 

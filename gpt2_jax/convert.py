@@ -4,7 +4,7 @@
     python -m gpt2_jax.convert to-hf --checkpoint DIR --out DIR
 
 Both write config.json + model.safetensors (fp32), in the first format that computes the model
-exactly (`gpt2_jax.hf_format`), plus GPT-2's tokenizer files when the vocabulary is GPT-2's:
+exactly (`gpt2_jax.formats.hf_format`), plus GPT-2's tokenizer files when the vocabulary is GPT-2's:
 
 - standard (learned positions, MHA, no window, biases): GPT-2, for GPT2LMHeadModel;
 - every RoPE variant (any n_kv_head, any window, with or without biases): Starcoder2;
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_jax.errors import ArgParser, UserError, cli_main, notice
-from gpt2_jax.hf_format import (
+from gpt2_jax.formats.hf_format import (
     FORMATS,
     export_format,
     is_hf_folder,
@@ -42,10 +42,10 @@ from gpt2_jax.hf_format import (
     read_hf_config,
     save_hf_folder,
 )
-from gpt2_jax.hf_tokenizer import tokenizer_problem
-from gpt2_jax.loading import load_model
-from gpt2_jax.model import GPT
-from gpt2_jax.weights import to_hf_state_dict
+from gpt2_jax.formats.hf_tokenizer import tokenizer_problem
+from gpt2_jax.formats.loading import load_model
+from gpt2_jax.formats.weights import to_hf_state_dict
+from gpt2_jax.model.gpt import GPT
 
 # What a training run, an orbax checkpoint or prepared data keeps in a directory: --overwrite
 # deletes --out, so a directory holding any of these is refused even with it.

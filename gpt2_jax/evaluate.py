@@ -40,12 +40,13 @@ from tqdm import tqdm
 
 from gpt2_jax import host_malloc
 from gpt2_jax.config import DTYPES, DataConfig
+from gpt2_jax.data import prepare_source, read_meta, resolve_source, verify_prepared
 from gpt2_jax.data.dir_lock import locked
 from gpt2_jax.data.sources import DECODE_ERRORS
+from gpt2_jax.data.tokenizer import EOT, encode
 from gpt2_jax.errors import ArgParser, UserError, cli_main
-from gpt2_jax.generate import check_compute_dtype
-from gpt2_jax.loading import load_model
-from gpt2_jax.model import GPT
+from gpt2_jax.formats.loading import load_model
+from gpt2_jax.model.gpt import GPT, check_compute_dtype
 
 # Files read as collections of documents through gpt2_jax.data rather than as one text.
 DOCUMENT_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -115,9 +116,6 @@ def _read_text(path: Path, decode_errors: str) -> str:
 def _source_tokens(data: DataConfig, limit: int | None) -> np.ndarray:
     """The documents of a `data.source` (see `gpt2_jax.data`), tokenised and joined by
     <|endoftext|>; stops reading documents once `limit` tokens are collected."""
-    from gpt2_jax.data import resolve_source
-    from gpt2_jax.tokenizer import EOT, encode
-
     spec = data.source
     texts = resolve_source(data).texts()
     parts: list[np.ndarray] = []
@@ -144,8 +142,6 @@ def _split_tokens(
 ) -> tuple[np.ndarray, str]:
     """The train or val split of a source, as `prepare_source` writes it for training (run into
     a temporary directory, so the hash rule and the documents moved are exactly training's)."""
-    from gpt2_jax.data import prepare_source
-
     fraction = data.val_fraction if val_fraction is None else val_fraction
     check_val_fraction(fraction, split)
     with tempfile.TemporaryDirectory(prefix="gpt2_jax_eval_") as tmp:
@@ -156,8 +152,6 @@ def _split_tokens(
 
 def _prepared_tokens(d: Path, split: str, val_fraction: float | None) -> tuple[np.ndarray, str]:
     """val.bin or train.bin of a prepared directory; its split is fixed by how it was prepared."""
-    from gpt2_jax.data import read_meta, verify_prepared
-
     meta = read_meta(d) or {}
     fixed = f"val_fraction {meta['val_fraction']}" if "val_fraction" in meta else "prepared"
     if val_fraction is not None:
@@ -184,8 +178,6 @@ def _file_tokens(
     p: Path, split: str | None, val_fraction: float | None, decode_errors: str
 ) -> tuple[np.ndarray, str]:
     """A .bin or text file: one explicit file, scored whole, so a split is an error."""
-    from gpt2_jax.tokenizer import encode
-
     if split not in (None, "all") or val_fraction is not None:
         flag = f"--split {split}" if split not in (None, "all") else "--val-fraction"
         raise UserError(

@@ -4,7 +4,7 @@ XLA:CPU allocates the temporary buffers of every execution afresh and frees them
 hundreds of MB per train step. glibc serves blocks that large with fresh `mmap` pages and
 unmaps them on free, so every step touches new pages and the kernel faults in and zeroes
 each one: at L 8, d 256 on a 2-core Xeon, 258 K page faults and 0.4 s of kernel time per
-1.3 s step (BENCHMARKS.md, issue 16). With one arena, no mmap'd blocks and a heap that keeps
+1.3 s step (BENCHMARKS.md). With one arena, no mmap'd blocks and a heap that keeps
 its top GiB when it shrinks, the next step finds the same pages mapped.
 
 `tune()` applies this through `mallopt` (Linux with glibc only). The process then keeps up to

@@ -16,28 +16,30 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
 
-from gpt2_jax import distributed, host_malloc, sharding
-from gpt2_jax.checkpoint import Checkpointer
-from gpt2_jax.config import Config, ConfigError, dump_yaml, load_config
+from gpt2_jax import data, host_malloc
+from gpt2_jax.config import Config, ConfigError, dump_yaml
+from gpt2_jax.data import prepare_source
 from gpt2_jax.errors import ArgParser, cli_main, notice
-from gpt2_jax.layer_stack import relayout
-from gpt2_jax.metrics import (
+from gpt2_jax.formats.checkpoint import Checkpointer
+from gpt2_jax.model.gpt import count_params
+from gpt2_jax.model.layer_stack import relayout
+from gpt2_jax.parallel import distributed, sharding
+from gpt2_jax.training.init_from import initial_model, load_config, plan, source_config
+from gpt2_jax.training.loop import RunInfo, TrainLoop
+from gpt2_jax.training.metrics import (
     flops_per_token,
     peak_flops_per_device,
     write_atomic,
 )
-from gpt2_jax.model import count_params
-from gpt2_jax.resume import (
+from gpt2_jax.training.resume import (
     check_data_hash,
     check_resume_config,
     data_change_record,
     own_data_state,
 )
-from gpt2_jax.run_dir import open_run, prepare_out_dir
-from gpt2_jax.train_loop import RunInfo, TrainLoop
-from gpt2_jax.train_step import Trainer
+from gpt2_jax.training.run_dir import open_run, prepare_out_dir
+from gpt2_jax.training.step import Trainer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -83,16 +85,12 @@ def validate(cfg: Config) -> None:
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
     if t.init_from:
-        from gpt2_jax.init_from import plan, source_config
-
         plan(source_config(t.init_from), m)  # a change that cannot map fails here, not later
     if cfg.wandb.mode not in ("disabled", "offline", "online"):
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}; use disabled, offline or online")
 
 
 def make_loaders(cfg: Config, prepared_dir: Path):
-    from gpt2_jax import data
-
     t = cfg.train
     train_loader = data.make_train_loader(
         cfg.data,
@@ -116,18 +114,6 @@ def check_vocab(cfg: Config, meta: dict, prepared_dir: Path) -> None:
             f"the data in {prepared_dir} ({meta.get('tokenizer')}); set model.vocab_size >= "
             f"{n_ids}"
         )
-
-
-def unigram_baseline(prepared_dir: Path) -> float | None:
-    """Val cross-entropy (nats/token) of the add-one-smoothed train unigram distribution."""
-    try:
-        train = np.memmap(prepared_dir / "train.bin", dtype=np.uint16, mode="r")
-        val = np.memmap(prepared_dir / "val.bin", dtype=np.uint16, mode="r")
-    except (OSError, ValueError):
-        return None
-    counts = np.bincount(train, minlength=65536).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(-logp[val].mean()) if len(val) else None
 
 
 def train(
@@ -184,8 +170,6 @@ def restore_or_init(trainer: Trainer, ckpt: Checkpointer, loader, cfg: Config, d
                        "are not read on resume")  # fmt: skip
             return state, start, saved_meta
     if cfg.train.init_from:
-        from gpt2_jax.init_from import initial_model
-
         model = initial_model(cfg.model, cfg.train.init_from, cfg.train.seed)
         print(f"starting from the weights of {cfg.train.init_from}", file=sys.stderr)
         return trainer.state_from(model), 0, None
@@ -193,8 +177,6 @@ def restore_or_init(trainer: Trainer, ckpt: Checkpointer, loader, cfg: Config, d
 
 
 def _run(cfg: Config, out: Path, ckpt: Checkpointer, inject_nan_step, preempt_at_step) -> dict:
-    from gpt2_jax.data import prepare_source
-
     t, is_main = cfg.train, jax.process_index() == 0
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = Trainer(cfg.model, t, mesh, inject_nan_step=inject_nan_step)

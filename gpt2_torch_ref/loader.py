@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from gpt2_torch_ref.model import GPT, RefConfig
+from gpt2_torch_ref.config import RefConfig
+from gpt2_torch_ref.model import GPT
 
 # RefConfig field → config.json key, for the keys whose names differ from ours.
 _HF_KEYS = {

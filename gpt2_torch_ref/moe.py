@@ -12,14 +12,12 @@ dense model, with the experts stacked on a leading axis:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from gpt2_torch_ref.model import RefConfig
+from gpt2_torch_ref.config import RefConfig
 
 
 class Router(nn.Module):

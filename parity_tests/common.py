@@ -11,8 +11,8 @@ import torch
 from flax import nnx
 
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT
-from gpt2_jax.weights import load_hf_state_dict, to_hf_state_dict
+from gpt2_jax.formats.weights import load_hf_state_dict, to_hf_state_dict
+from gpt2_jax.model.gpt import GPT
 from gpt2_torch_ref import GPT as TorchGPT
 from gpt2_torch_ref import RefConfig
 

@@ -12,9 +12,9 @@ import torch
 from flax import nnx
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt2_jax.model import GPT
-from gpt2_jax.rope import apply_rope, rope_angles
-from gpt2_jax.weights import load_hf_state_dict, to_hf_state_dict
+from gpt2_jax.formats.weights import load_hf_state_dict, to_hf_state_dict
+from gpt2_jax.model.gpt import GPT
+from gpt2_jax.model.rope import apply_rope, rope_angles
 from gpt2_torch_ref import GPT as TorchGPT
 from parity_tests.common import (
     BASE,
@@ -28,7 +28,7 @@ from parity_tests.common import (
 )
 
 # bf16 compute (fp32 params, fp32 softmax and logits) stays within this fraction of the
-# largest fp32 logit, for the tiny test models; documented in README.md.
+# largest fp32 logit, for the tiny test models; documented in docs/testing.md.
 BF16_LOGIT_BOUND = 2e-2
 
 

@@ -1,6 +1,6 @@
 """Mixture-of-Experts: the JAX model vs the torch reference (logits, loss with the aux terms,
 gradients, AdamW steps), the grouped / ragged paths vs the dense one, ties and capacity drops
-against a NumPy transcription of the rule (`gpt2_jax.moe` docstring)."""
+against a NumPy transcription of the rule (`gpt2_jax.model.moe` docstring)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from flax import nnx
 
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT
-from gpt2_jax.moe import MoE, apply_experts, route_tokens
-from gpt2_jax.train_step import training_loss
-from gpt2_jax.weights import to_hf_state_dict
+from gpt2_jax.formats.weights import to_hf_state_dict
+from gpt2_jax.model.gpt import GPT
+from gpt2_jax.model.moe import MoE, apply_experts, route_tokens
+from gpt2_jax.training.step import training_loss
 from gpt2_torch_ref import moe as ref_moe
 from parity_tests.common import (
     BASE,

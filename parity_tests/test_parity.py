@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from gpt2_jax.model import GPT, cross_entropy
-from gpt2_jax.weights import to_hf_state_dict
+from gpt2_jax.formats.weights import to_hf_state_dict
+from gpt2_jax.model.gpt import GPT, cross_entropy
 from parity_tests.common import SEQ_LEN, VARIANTS, record, rel_max_err, tokens, twin_models
 
 BATCH = 2

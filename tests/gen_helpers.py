@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT
+from gpt2_jax.model.gpt import GPT
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, scale: float = 1.0) -> GPT:

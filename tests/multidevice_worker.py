@@ -33,11 +33,11 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gpt2_jax.checkpoint import Checkpointer  # noqa: E402
 from gpt2_jax.config import MeshConfig, ModelConfig, TrainConfig  # noqa: E402
-from gpt2_jax.layer_stack import relayout  # noqa: E402
-from gpt2_jax.sharding import make_mesh  # noqa: E402
-from gpt2_jax.train_step import Trainer  # noqa: E402
+from gpt2_jax.formats.checkpoint import Checkpointer  # noqa: E402
+from gpt2_jax.model.layer_stack import relayout  # noqa: E402
+from gpt2_jax.parallel.sharding import make_mesh  # noqa: E402
+from gpt2_jax.training.step import Trainer  # noqa: E402
 
 STEPS = 5
 VOCAB = 128

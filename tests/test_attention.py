@@ -15,13 +15,12 @@ import pytest
 from flax import nnx
 
 from benchmarks import attention as bench
-from gpt2_jax import attention
-from gpt2_jax.attention import dot_product_attention, resolve_impl, xla_attention
-from gpt2_jax.blocked_attention import blocked_attention, num_offsets, schedule
-from gpt2_jax.chunked_attention import chunked_attention, spans
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import GPT, cross_entropy
+from gpt2_jax.model.attention import dot_product_attention, resolve_impl, xla_attention
+from gpt2_jax.model.gpt import GPT, attention, cross_entropy
+from gpt2_jax.ops.blocked_attention import blocked_attention, num_offsets, schedule
+from gpt2_jax.ops.chunked_attention import chunked_attention, spans
 
 TOL = 1e-5  # fp32 parity, absolute, on O(1) values
 HEADS = {"MHA": (4, 4), "GQA": (4, 2), "MQA": (4, 1)}

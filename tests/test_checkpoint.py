@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt2_jax.checkpoint import load_model_weights
 from gpt2_jax.errors import UserError
-from gpt2_jax.loading import load_model
+from gpt2_jax.formats.checkpoint import load_model_weights
+from gpt2_jax.formats.loading import load_model
 from gpt2_jax.train import train
 from tests.train_helpers import TINY_OVERRIDES, tiny_config, train_losses
 

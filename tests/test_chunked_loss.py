@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt2_jax.chunked_loss import chunked_cross_entropy
 from gpt2_jax.config import ConfigError, MeshConfig, ModelConfig, TrainConfig
-from gpt2_jax.model import GPT
-from gpt2_jax.sharding import make_mesh
-from gpt2_jax.train_step import Trainer
+from gpt2_jax.model.gpt import GPT
+from gpt2_jax.ops.chunked_loss import chunked_cross_entropy
+from gpt2_jax.parallel.sharding import make_mesh
+from gpt2_jax.training.step import Trainer
 
 LOSS_TOL = 1e-6  # absolute, fp32
 GRAD_TOL = 1e-5  # ‖Δg‖ / ‖g‖ per parameter, fp32

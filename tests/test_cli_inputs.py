@@ -12,10 +12,10 @@ from gen_helpers import random_model
 
 from gpt2_jax import evaluate as E
 from gpt2_jax import generate as G
-from gpt2_jax import loading
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import UserError
-from gpt2_jax.hf_format import save_hf_folder
+from gpt2_jax.formats import loading
+from gpt2_jax.formats.hf_format import save_hf_folder
 from tests.cli_helpers import run_cli
 
 CFG = ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, max_seq_len=16)
@@ -154,7 +154,7 @@ def test_bfloat16_runs_on_both_clis(files, capsys):
 
 def test_float16_checkpoint_refused_on_cpu(files, capsys, monkeypatch):
     # The refusal is for the CPU backend; pin it so the test means the same on any machine.
-    monkeypatch.setattr(G.jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     real = loading.load_model
     monkeypatch.setattr(loading, "load_model", lambda p, **kw: real(p, **{"dtype": "float16"} | kw))
     argv = ["--checkpoint", files / "ck", "--prompt-tokens", "1", "--max-new-tokens", 2]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_jax.hlo_collectives import collectives, summary
+from gpt2_jax.parallel.hlo_collectives import collectives, summary
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = {"fsdp8": (1, 8, 1), "dp2_fsdp4": (2, 4, 1), "dp4_tp2": (4, 1, 2)}

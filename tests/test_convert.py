@@ -16,9 +16,9 @@ from flax import nnx
 
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.convert import main as convert_main
-from gpt2_jax.hf_format import load_hf_folder, save_hf_folder
-from gpt2_jax.model import GPT
-from gpt2_jax.weights import load_hf_state_dict, to_hf_state_dict
+from gpt2_jax.formats.hf_format import load_hf_folder, save_hf_folder
+from gpt2_jax.formats.weights import load_hf_state_dict, to_hf_state_dict
+from gpt2_jax.model.gpt import GPT
 from tests import cli_helpers
 
 LOGIT_ATOL = 1e-5  # fp32 forwards of the same weights

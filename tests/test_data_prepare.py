@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2_jax import tokenizer
 from gpt2_jax.config import DataConfig
 from gpt2_jax.data import prepare as prepare_mod
-from gpt2_jax.data import prepare_source, read_meta
+from gpt2_jax.data import prepare_source, read_meta, tokenizer
 from gpt2_jax.data.__main__ import main
 from gpt2_jax.data.split import doc_digest, doc_score
 from gpt2_jax.data.tokens import check_vocab_fits, encode_documents, with_eot

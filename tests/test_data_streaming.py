@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2_jax import tokenizer
 from gpt2_jax.config import DataConfig
-from gpt2_jax.data import StreamingLoader, make_train_loader, prepare_source, read_meta
+from gpt2_jax.data import StreamingLoader, make_train_loader, prepare_source, read_meta, tokenizer
 from gpt2_jax.errors import UserError
 
 EOT = tokenizer.EOT

@@ -18,11 +18,11 @@ from gpt2_jax import evaluate
 from gpt2_jax.config import DataConfig, ModelConfig
 from gpt2_jax.convert import main as convert_main
 from gpt2_jax.data import prepare_source
+from gpt2_jax.data.tokenizer import EOT, encode
 from gpt2_jax.evaluate import Window, windows
-from gpt2_jax.hf_format import save_hf_folder
-from gpt2_jax.model import GPT
-from gpt2_jax.tokenizer import EOT, encode
-from gpt2_jax.weights import load_hf_state_dict, to_hf_state_dict
+from gpt2_jax.formats.hf_format import save_hf_folder
+from gpt2_jax.formats.weights import load_hf_state_dict, to_hf_state_dict
+from gpt2_jax.model.gpt import GPT
 from gpt2_torch_ref import load_folder
 from tests.cli_helpers import run_cli
 

@@ -10,13 +10,13 @@ from flax import nnx
 from gen_helpers import random_model
 
 from gpt2_jax import generate as G
-from gpt2_jax import tokenizer
 from gpt2_jax.config import ModelConfig
+from gpt2_jax.data import tokenizer
+from gpt2_jax.decode.kv_cache import bytes_per_token, cache_size, init_cache
+from gpt2_jax.decode.sampling import Sampling, sample, step_keys
 from gpt2_jax.errors import UserError
-from gpt2_jax.hf_format import save_hf_folder
-from gpt2_jax.kv_cache import bytes_per_token, cache_size, init_cache
-from gpt2_jax.loading import load_model
-from gpt2_jax.sampling import Sampling, sample, step_keys
+from gpt2_jax.formats.hf_format import save_hf_folder
+from gpt2_jax.formats.loading import load_model
 
 BASE = dict(vocab_size=64, n_layer=2, n_head=4, n_embd=32, max_seq_len=32, tie_embeddings=False)
 ONE = dict(BASE, n_layer=1)  # fewer layers compile faster; two variants keep two

@@ -8,9 +8,9 @@ from flax import nnx
 from gen_helpers import random_model
 
 from gpt2_jax import generate as G
-from gpt2_jax import kv_cache
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.kv_cache import bucket_len, cache_size
+from gpt2_jax.decode import kv_cache
+from gpt2_jax.decode.kv_cache import bucket_len, cache_size
 
 TINY = dict(n_layer=1, n_head=4, n_embd=32, tie_embeddings=False)
 

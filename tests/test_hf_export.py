@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from gpt2_jax.config import ModelConfig
+from gpt2_jax.formats.hf_format import load_hf_folder, save_hf_folder
+from gpt2_jax.formats.weights import load_hf_state_dict, to_hf_state_dict
 from gpt2_jax.generate import generate
-from gpt2_jax.hf_format import load_hf_folder, save_hf_folder
-from gpt2_jax.weights import load_hf_state_dict, to_hf_state_dict
 from gpt2_torch_ref import load_folder
 from tests.gen_helpers import random_model
 from tests.test_convert import assert_user_error, forward, run_cli
@@ -262,7 +262,7 @@ def test_older_extended_files_still_load(tmp_path):
 def test_tokenizer_files_work_offline(tmp_path, capsys):
     from transformers import AutoTokenizer, pipeline
 
-    from gpt2_jax.tokenizer import encode
+    from gpt2_jax.data.tokenizer import encode
 
     cfg = ModelConfig(vocab_size=50257, n_layer=1, n_head=2, n_embd=32, max_seq_len=64,
                       pos_embedding="rope", n_kv_head=1)  # fmt: skip

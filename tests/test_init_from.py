@@ -15,13 +15,13 @@ import torch
 from flax import nnx
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt2_jax.config import ConfigError, load_config
+from gpt2_jax.config import ConfigError
 from gpt2_jax.data import TokenDataset, get_batch
 from gpt2_jax.errors import UserError
-from gpt2_jax.init_from import initial_model, plan, source_config
-from gpt2_jax.loading import load_model
+from gpt2_jax.formats.loading import load_model
+from gpt2_jax.formats.weights import to_hf_state_dict
 from gpt2_jax.train import train
-from gpt2_jax.weights import to_hf_state_dict
+from gpt2_jax.training.init_from import initial_model, load_config, plan, source_config
 from tests.train_helpers import train_losses
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from gpt2_jax.config import ConfigError, ModelConfig
-from gpt2_jax.model import GPT, count_params
+from gpt2_jax.model.gpt import GPT, count_params
 
 TINY = dict(vocab_size=64, n_layer=1, n_head=2, n_embd=16, max_seq_len=8)
 

@@ -19,15 +19,15 @@ from flax import nnx
 from gen_helpers import random_model
 
 from gpt2_jax import generate as G
-from gpt2_jax import sharding
 from gpt2_jax import train as T
 from gpt2_jax.config import ModelConfig
+from gpt2_jax.decode.sampling import Sampling
 from gpt2_jax.errors import UserError
-from gpt2_jax.hf_format import load_hf_folder, save_hf_folder
-from gpt2_jax.model import GPT, count_params, with_layout
-from gpt2_jax.moe import MoE
-from gpt2_jax.optim import decay_mask
-from gpt2_jax.sampling import Sampling
+from gpt2_jax.formats.hf_format import load_hf_folder, save_hf_folder
+from gpt2_jax.model.gpt import GPT, count_params, with_layout
+from gpt2_jax.model.moe import MoE
+from gpt2_jax.parallel import sharding
+from gpt2_jax.training.optim import decay_mask
 from gpt2_torch_ref import load_folder
 from tests.cli_helpers import run_cli
 

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 
 from gpt2_jax.config import MeshConfig, ModelConfig, TrainConfig
-from gpt2_jax.sharding import make_mesh
+from gpt2_jax.parallel.sharding import make_mesh
 from gpt2_jax.train import main, train
-from gpt2_jax.train_step import Trainer
+from gpt2_jax.training.step import Trainer
 from tests.cli_helpers import run_cli
 from tests.test_campaign import tree_hash
 from tests.train_helpers import TINY_OVERRIDES, tiny_config
@@ -54,7 +54,7 @@ def test_moe_grad_accum_is_one_large_batch_but_for_the_load_balance_loss():
     half = _grads_fn(cfg, 4, 1, params)[0]
     lb_a, lb_b = (float(half(x[a::2], y[a::2])[0]["lb_loss"]) for a in (0, 1))
     assert abs(float(m2["lb_loss"]) - (lb_a + lb_b) / 2) <= 1e-6
-    assert abs(float(m1["lb_loss"]) - float(m2["lb_loss"])) > 1e-5  # the README's exception
+    assert abs(float(m1["lb_loss"]) - float(m2["lb_loss"])) > 1e-5  # docs/moe.md's exception
 
 
 MOE_RUN = ["model.moe_experts=2", "model.moe_top_k=1", "train.eval_every=0"]

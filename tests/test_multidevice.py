@@ -29,9 +29,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt2_jax.checkpoint import load_model_weights
 from gpt2_jax.data import TokenDataset, get_batch
-from gpt2_jax.train_loop import EVAL_SEED_OFFSET
+from gpt2_jax.formats.checkpoint import load_model_weights
+from gpt2_jax.training.loop import EVAL_SEED_OFFSET
 from tests.multidevice_worker import MESHES, MODELS, MULTIHOST_OVERRIDES
 from tests.train_helpers import TINY_OVERRIDES, tiny_config, train_losses
 

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from gpt2_jax.optim import clip_by_global_norm
+from gpt2_jax.training.optim import clip_by_global_norm
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clipped, and left alone

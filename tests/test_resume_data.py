@@ -14,8 +14,8 @@ import pytest
 from gpt2_jax.config import Config, DataConfig, load_config, to_dict
 from gpt2_jax.data import prepare_source
 from gpt2_jax.errors import UserError
-from gpt2_jax.resume import check_resume_config
 from gpt2_jax.train import main, train
+from gpt2_jax.training.resume import check_resume_config
 from tests.cli_helpers import run_cli
 from tests.test_campaign import tree_hash
 from tests.train_helpers import TINY_OVERRIDES

@@ -15,16 +15,16 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from gpt2_jax.checkpoint import CheckpointError, load_model_weights
 from gpt2_jax.config import ConfigError
 from gpt2_jax.errors import UserError
-from gpt2_jax.metrics import flops_per_token
-from gpt2_jax.model import GPT, count_params
-from gpt2_jax.optim import lr_schedule
-from gpt2_jax.run_lock import RunLock
-from gpt2_jax.sharding import make_mesh
+from gpt2_jax.formats.checkpoint import CheckpointError, load_model_weights
+from gpt2_jax.model.gpt import GPT, count_params
+from gpt2_jax.parallel.sharding import make_mesh
 from gpt2_jax.train import train
-from gpt2_jax.train_step import Trainer
+from gpt2_jax.training.metrics import flops_per_token
+from gpt2_jax.training.optim import lr_schedule
+from gpt2_jax.training.run_lock import RunLock
+from gpt2_jax.training.step import Trainer
 from tests.train_helpers import TINY_OVERRIDES, lock_held_elsewhere, tiny_config, train_losses
 
 NO_EVAL = "train.eval_every=0"

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gpt2_jax.decode.sampling import Sampling, categorical, keep_top_k, keep_top_p, probs, sample
 from gpt2_jax.errors import UserError
-from gpt2_jax.sampling import Sampling, categorical, keep_top_k, keep_top_p, probs, sample
 
 
 def _logits(rows=6, vocab=20, seed=0):

@@ -13,14 +13,14 @@ import pytest
 from flax import nnx
 
 from gpt2_jax.config import MeshConfig, ModelConfig, TrainConfig
+from gpt2_jax.formats.weights import load_hf_state_dict, to_hf_state_dict
 from gpt2_jax.generate import generate
-from gpt2_jax.layer_stack import relayout
-from gpt2_jax.model import GPT, with_layout
-from gpt2_jax.optim import decay_mask
-from gpt2_jax.sharding import make_mesh
+from gpt2_jax.model.gpt import GPT, with_layout
+from gpt2_jax.model.layer_stack import relayout
+from gpt2_jax.parallel.sharding import make_mesh
 from gpt2_jax.train import train
-from gpt2_jax.train_step import Trainer
-from gpt2_jax.weights import load_hf_state_dict, to_hf_state_dict
+from gpt2_jax.training.optim import decay_mask
+from gpt2_jax.training.step import Trainer
 from tests.train_helpers import tiny_config, train_losses
 
 MODELS = {
@@ -153,8 +153,8 @@ def test_scanned_run_exports_to_transformers_and_evaluates(tmp_path, prepared_sh
     import torch
     from transformers import GPT2LMHeadModel
 
-    from gpt2_jax.checkpoint import load_model_weights
     from gpt2_jax.convert import main as convert_main
+    from gpt2_jax.formats.checkpoint import load_model_weights
 
     out = tmp_path / "run"
     train(tiny_config(out, prepared_shakespeare, "train.max_steps=2", "train.eval_every=2",

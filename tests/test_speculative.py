@@ -10,9 +10,9 @@ from gen_helpers import perturbed, random_model
 
 from gpt2_jax import generate as G
 from gpt2_jax.config import ModelConfig
+from gpt2_jax.decode.sampling import Sampling, probs
+from gpt2_jax.decode.speculative import SpecStats, speculative_generate
 from gpt2_jax.errors import UserError
-from gpt2_jax.sampling import Sampling, probs
-from gpt2_jax.speculative import SpecStats, speculative_generate
 
 TINY = dict(vocab_size=64, n_head=4, n_embd=32, max_seq_len=32, tie_embeddings=False)
 PROMPTS = np.array([[3, 9, 27, 17, 51, 25], [1, 2, 3, 4, 5, 6], [60, 0, 60, 0, 60, 0]])

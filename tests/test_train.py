@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from gpt2_jax.config import ConfigError, MeshConfig, ModelConfig, TrainConfig, load_config
-from gpt2_jax.optim import decay_mask, lr_schedule
-from gpt2_jax.sharding import make_mesh
+from gpt2_jax.parallel.sharding import make_mesh
 from gpt2_jax.train import main, train
-from gpt2_jax.train_step import Trainer
+from gpt2_jax.training.optim import decay_mask, lr_schedule
+from gpt2_jax.training.step import Trainer
 from tests.train_helpers import tiny_config, train_losses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +213,7 @@ def test_profile_steps_write_a_trace_of_those_steps(tmp_path, prepared_shakespea
 
 def test_moe_run_logs_router_stats_resumes_and_exports(tmp_path, prepared_shakespeare, capsys):
     from gpt2_jax.convert import main as convert_main
-    from gpt2_jax.hf_format import load_hf_folder
+    from gpt2_jax.formats.hf_format import load_hf_folder
 
     out = tmp_path / "moe"
     moe = ["model.n_layer=2", "model.moe_experts=4", "model.moe_every=2",

@@ -19,19 +19,21 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from gpt2_jax import convert, tokenizer, train_loop
+from gpt2_jax import convert
 from gpt2_jax import train as train_cli
-from gpt2_jax.checkpoint import Checkpointer
 from gpt2_jax.config import Config, ConfigError, ModelConfig, config_from_dict, to_dict
+from gpt2_jax.data import tokenizer
+from gpt2_jax.decode.sampling import categorical, probs, sample
 from gpt2_jax.errors import UserError
+from gpt2_jax.formats.checkpoint import Checkpointer, TrainState
+from gpt2_jax.formats.hf_format import load_hf_folder, model_config_from_hf, save_hf_folder
+from gpt2_jax.formats.weights import load_hf_state_dict, to_hf_state_dict
 from gpt2_jax.generate import generate
-from gpt2_jax.hf_format import load_hf_folder, model_config_from_hf, save_hf_folder
-from gpt2_jax.init_from import initial_model, plan
-from gpt2_jax.model import count_params, cross_entropy
-from gpt2_jax.resume import check_resume_config
-from gpt2_jax.sampling import categorical, mask_vocab, probs, sample
-from gpt2_jax.train_step import TrainState
-from gpt2_jax.weights import load_hf_state_dict, to_hf_state_dict
+from gpt2_jax.model.gpt import count_params, cross_entropy
+from gpt2_jax.ops.vocab_mask import mask_vocab
+from gpt2_jax.training import loop as train_loop
+from gpt2_jax.training.init_from import initial_model, plan
+from gpt2_jax.training.resume import check_resume_config
 from tests.cli_helpers import run_cli
 from tests.gen_helpers import random_model
 
@@ -290,8 +292,8 @@ def test_training_samples_never_decode_ids_past_the_tokenizer():
     # A vocabulary padded by hand (model.vocab_size=50304): rows past GPT-2's 50257 made huge,
     # so an unmasked sampler would draw them and decode would refuse them.
     from gpt2_jax.config import MeshConfig, TrainConfig
-    from gpt2_jax.sharding import make_mesh
-    from gpt2_jax.train_step import Trainer
+    from gpt2_jax.parallel.sharding import make_mesh
+    from gpt2_jax.training.step import Trainer
 
     cfg = Config(
         model=ModelConfig(vocab_size=50304, n_layer=1, n_head=2, n_embd=16, max_seq_len=64),

@@ -45,7 +45,7 @@ def train_losses(out_dir: Path) -> dict[int, float]:
 def lock_held_elsewhere(out_dir: Path):
     """Another process holds `out_dir`'s run lock for the duration; yields that process."""
     code = (
-        "import time; from gpt2_jax.run_lock import RunLock; "
+        "import time; from gpt2_jax.training.run_lock import RunLock; "
         f"RunLock({str(out_dir)!r}).acquire(); print('held', flush=True); time.sleep(300)"
     )
     repo = Path(__file__).resolve().parents[1]

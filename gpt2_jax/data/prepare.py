@@ -15,8 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from gpt2_jax import tokenizer
 from gpt2_jax.config import DataConfig
+from gpt2_jax.data import tokenizer
 from gpt2_jax.data.dir_lock import locked
 from gpt2_jax.data.integrity import CHECKS, expected_files, file_record, mismatch
 from gpt2_jax.data.sources import Source, resolve_source

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from gpt2_jax import tokenizer
+from gpt2_jax.data import tokenizer
 from gpt2_jax.errors import UserError
 
 TOKEN_DTYPE = np.uint16

@@ -1,0 +1,2 @@
+"""The GPT model: the NNX modules (`gpt`), attention dispatch, RoPE, mixture-of-experts and
+the scanned layer stack."""
