@@ -47,7 +47,7 @@ class Preset:
     rounds: int  # timing rounds
     round_steps: int  # training steps per row per round
     what: str  # one line for --help and the results
-    config_files: dict[str, str] = field(default_factory=dict)  # row → configs/ file
+    config_files: dict[str, str] = field(default_factory=dict)  # row → gpt2_jax/configs/ file
     seeds: int = 1  # default --seeds
     rows: tuple[str, ...] = DEFAULT_ROWS  # default --rows
     window: int | None = None  # the window rows' w (None = seq_len / 4)
@@ -90,8 +90,8 @@ PRESETS = {
         what="quick: 4 × 128, T 256, 50 steps (2-core CPU)",
         budget_min=15,
     ),
-    # Past early learning: 200 steps × 2048 tokens = 410k tokens per row (the default run,
-    # configs/default.yaml, is at val loss ≈ 4.9 there, 1.2 nats under the unigram baseline;
+    # Past early learning: 200 steps × 2048 tokens = 410k tokens per row (the default run is at
+    # val loss ≈ 4.9 there, 1.2 nats under the unigram baseline;
     # it ends at 4.66 after 819k tokens, which 18 runs cannot afford in 75 min). Every row
     # but the window alone (in `long`, where the window's claim lies; with it, 3 seeds took
     # ≈ 77 min); 5 layers so that the moe row has an equal-active depth (3).
@@ -226,8 +226,8 @@ def _moe_change(n_layer: int) -> list[str]:
 
 def row_config(name: str, key: str, extra: list[str], work: Path, seed: int = 0) -> Config:
     """The config row `key` of preset `name` trains with train.seed = the preset's + `seed`:
-    preset (and its configs/ file), overrides, the change."""
-    from gpt2_jax.train import resolve_config_path
+    preset (and its gpt2_jax/configs/ file), overrides, the change."""
+    from gpt2_jax.config import resolve_config_path
 
     preset = PRESETS[name]
     file = preset.config_files.get(key)

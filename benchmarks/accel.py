@@ -144,8 +144,7 @@ def decode(cfg, new_tokens: int) -> dict:
 def run(args) -> dict:
     import jax
 
-    from gpt2_jax.config import load_config
-    from gpt2_jax.train import resolve_config_path
+    from gpt2_jax.config import load_config, resolve_config_path
 
     backend = jax.default_backend()
     if backend == "cpu" and not args.smoke:

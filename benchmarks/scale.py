@@ -88,9 +88,8 @@ def measure(cfg, mesh) -> dict:
 def run(args) -> list[dict]:
     import jax
 
-    from gpt2_jax.config import MeshConfig, load_config
+    from gpt2_jax.config import MeshConfig, load_config, resolve_config_path
     from gpt2_jax.parallel.sharding import make_mesh
-    from gpt2_jax.train import resolve_config_path
 
     n = args.mesh["data"] * args.mesh["fsdp"] * args.mesh["tensor"]
     if len(jax.devices()) < n:
@@ -141,7 +140,9 @@ def table(records: list[dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(prog="python -m benchmarks scale", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma list of configs/ names")
+    p.add_argument(
+        "--configs", default=",".join(CONFIGS), help="comma list of config names or paths"
+    )
     p.add_argument("--layouts", default="unrolled,scanned", help="comma list: unrolled,scanned")
     p.add_argument("--loss-impls", default="full,chunked", help="comma list: full,chunked")
     p.add_argument("--batch-size", type=int, default=16)
@@ -160,16 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     args.mesh = parse_mesh(args.mesh)
     _ask_for_cpu_devices(args.mesh["data"] * args.mesh["fsdp"] * args.mesh["tensor"])
 
-    from gpt2_jax.config import DTYPES, LOSS_IMPLS
+    from gpt2_jax.config import DTYPES, LOSS_IMPLS, resolve_config_path
     from gpt2_jax.model.gpt import REMAT_POLICIES
-    from gpt2_jax.train import resolve_config_path
 
     args.layouts = name_list(args.layouts, LAYOUTS, "--layouts")
     args.loss_impls = name_list(args.loss_impls, LOSS_IMPLS, "--loss-impls")
     args.configs = [c for c in args.configs.split(",") if c]
     for name in args.configs:
         if not resolve_config_path(name).is_file():
-            raise UserError(f"--configs: no config {name!r}; use names from configs/ or paths")
+            raise UserError(f"--configs: no config {name!r}; use config names or paths")
     if args.batch_size <= 0 or args.seq_len <= 0:
         raise UserError("--batch-size and --seq-len must be positive")
     if args.remat not in (*REMAT_POLICIES, "config"):

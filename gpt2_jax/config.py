@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from collections.abc import Callable
@@ -358,27 +359,76 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+# The named configs ship inside the package, so `--config NAME` works from a wheel too.
+CONFIG_DIR = Path(str(importlib.resources.files("gpt2_jax") / "configs"))
+
+
+def config_names() -> list[str]:
+    """The names `--config NAME` accepts without a path: gpt2_jax/configs/*.yaml that hold
+    config sections (sweep.yaml there is a wandb sweep, not a config)."""
+    sections = {f.name for f in dataclasses.fields(Config)} | {"base"}
+    return sorted(
+        p.stem
+        for p in CONFIG_DIR.glob("*.yaml")
+        if set(yaml.safe_load(p.read_text()) or {}) <= sections
+    )
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given, else a named config (with or without .yaml)."""
+    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return Path(name)
+
+
+def read_config_file(path: str | Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The YAML of `path` as a dict, with `base: NAME` (a config name, or a path relative to
+    this file) merged under it key by key, recursively; a cycle of bases is refused."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config file {str(p)!r} not found; use a path or one of {', '.join(config_names())}"
+        )
+    if p.resolve() in chain:
+        cycle = " → ".join(str(c) for c in (*chain, p.resolve()))
+        raise ConfigError(f"config bases form a cycle: {cycle}; remove one of the base: keys")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{p}: base must be a config name or path, got {base!r}")
+    near = p.parent / base
+    base_path = near if near.is_file() else resolve_config_path(base)
+    merged = read_config_file(base_path, (*chain, p.resolve()))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] = (),
     *,
     model_source: Callable[[str], dict] | None = None,
 ) -> Config:
-    """Read `path` (YAML; None = all defaults) and apply `section.key=value` overrides.
+    """Read `path` (YAML, with its `base:` chain; None = all defaults) and apply
+    `section.key=value` overrides.
 
     With `train.init_from=PATH` the model is PATH's: `model_source(PATH)` gives its `model`
     section, and the keys set here go on top as weight surgery. Reading PATH is the formats'
     business, so without `model_source` such a config is refused; load it with
     `gpt2_jax.training.init_from.load_config`, which passes one."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found; see configs/ for examples")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = {} if path is None else read_config_file(path)
     for text in overrides:
         (section, key), value = parse_override(text)
         sec = data.setdefault(section, {})
@@ -397,6 +447,39 @@ def load_config(
             raise ConfigError(f"config section 'model' must be a mapping, got {model!r}")
         data["model"] = {**model_source(train["init_from"]), **model}
     return config_from_dict(data)
+
+
+# The enumerated keys and their values (the tuples validation checks against).
+CHOICES: dict[str, tuple] = {
+    "model.pos_embedding": POS_EMBEDDINGS,
+    "model.dtype": ("auto", *DTYPES),
+    "model.param_dtype": DTYPES,
+    "model.attention_impl": ATTENTION_IMPLS,
+    "model.moe_impl": MOE_IMPLS,
+    "train.loss_impl": LOSS_IMPLS,
+}
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def config_reference() -> str:
+    """Every section and key of `Config` with its type, default and (where enumerated) its
+    values, for `--help`; the meanings are in docs/config.md."""
+    lines = ["config keys (section.key=value; meanings in docs/config.md):"]
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        cls = hints[section.name]
+        lines.append(f"  {section.name}:")
+        types = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            key = f"{section.name}.{f.name}"
+            values = f"  one of {', '.join(CHOICES[key])}" if key in CHOICES else ""
+            lines.append(f"    {f.name}: {_type_name(types[f.name])} = {default!r}{values}")
+    lines.append(f"named configs (--config NAME): {', '.join(config_names())}")
+    return "\n".join(lines)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -1,6 +1,6 @@
 """`python -m gpt2_jax.train [--config FILE] [section.key=value ...]`: train a GPT-2 variant.
 
-With no arguments it trains configs/default.yaml on the built-in Shakespeare plays. Starting
+With no arguments it trains the `default` config on the built-in Shakespeare plays. Starting
 in an out_dir that has checkpoints resumes from the newest good one. SIGTERM / SIGINT finish
 the current step, save and exit 0; a second SIGINT aborts at once.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 
 from gpt2_jax import data, host_malloc
-from gpt2_jax.config import Config, ConfigError, dump_yaml
+from gpt2_jax.config import Config, ConfigError, config_reference, dump_yaml, resolve_config_path
 from gpt2_jax.data import prepare_source
 from gpt2_jax.errors import ArgParser, cli_main, notice
 from gpt2_jax.formats.checkpoint import Checkpointer
@@ -40,16 +40,6 @@ from gpt2_jax.training.resume import (
 )
 from gpt2_jax.training.run_dir import open_run, prepare_out_dir
 from gpt2_jax.training.step import Trainer
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-def resolve_config_path(name: str) -> Path:
-    """A path as given, else a name under configs/ (with or without .yaml)."""
-    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    return Path(name)
 
 
 def validate(cfg: Config) -> None:
@@ -231,9 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgParser(
         prog="python -m gpt2_jax.train",
         description="Train a GPT-2 variant. Overrides are section.key=value, values parsed as "
-        "YAML scalars (null, true, 3e-4, [1, 2]).",
+        "YAML scalars (null, true, 3e-4, [1, 2]). A config file may start from another with "
+        "`base: NAME`.",
+        epilog=config_reference(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", default="default", help="YAML file or a name in configs/")
+    p.add_argument("--config", default="default", help="a YAML file, or a named config below")
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p

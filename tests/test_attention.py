@@ -17,8 +17,9 @@ from flax import nnx
 from benchmarks import attention as bench
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import UserError
+from gpt2_jax.model import attention
 from gpt2_jax.model.attention import dot_product_attention, resolve_impl, xla_attention
-from gpt2_jax.model.gpt import GPT, attention, cross_entropy
+from gpt2_jax.model.gpt import GPT, cross_entropy
 from gpt2_jax.ops.blocked_attention import blocked_attention, num_offsets, schedule
 from gpt2_jax.ops.chunked_attention import chunked_attention, spans
 

@@ -33,7 +33,7 @@ def good_run(tmp_path_factory):
     from gpt2_jax.config import load_config
 
     out = tmp_path_factory.mktemp("campaign") / "run"
-    train(load_config("configs/default.yaml", [*RUN_ARGS, f"train.out_dir={out}"]))
+    train(load_config("gpt2_jax/configs/default.yaml", [*RUN_ARGS, f"train.out_dir={out}"]))
     return out
 
 

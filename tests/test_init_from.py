@@ -53,7 +53,7 @@ def _finetune_args(out: Path, init: Path, prepared: Path, *extra: str) -> list[s
 
 
 def _cfg(*args: str):
-    return load_config(REPO / "configs" / "finetune-shakespeare.yaml", list(args))
+    return load_config(REPO / "gpt2_jax" / "configs" / "finetune-shakespeare.yaml", list(args))
 
 
 def test_finetune_from_hf_starts_at_transformers_loss_and_learns(

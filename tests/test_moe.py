@@ -31,7 +31,7 @@ from gpt2_jax.training.optim import decay_mask
 from gpt2_torch_ref import load_folder
 from tests.cli_helpers import run_cli
 
-MOE = ["model.moe_experts=4"]  # configs/default.yaml: n_layer 4, unrolled layers
+MOE = ["model.moe_experts=4"]  # gpt2_jax/configs/default.yaml: n_layer 4, unrolled layers
 
 # ------------------------------------------------------------------------- config errors (CLI)
 

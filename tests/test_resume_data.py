@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORDS = "the king crown sword night day love death rose queen field storm sea ship".split()
 # Relative paths, run from a copy of the fixture's directory: the recorded data.source stays
 # "corpus" in every copy.
-ARGS = ["--config", REPO / "configs/default.yaml", *TINY_OVERRIDES, "train.out_dir=run",
+ARGS = ["--config", REPO / "gpt2_jax/configs/default.yaml", *TINY_OVERRIDES, "train.out_dir=run",
         "data.source=corpus", "train.max_steps=6", "train.eval_every=3",
         "checkpoint.every=3"]  # fmt: skip
 

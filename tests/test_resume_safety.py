@@ -196,8 +196,9 @@ def test_mfu_flops_agree_with_xla_cost_analysis(tied):
     too high with an untied head: the input lookup table was counted as a matmul)."""
     from gpt2_jax.config import load_config
 
-    cfg = load_config("configs/default.yaml", [*TINY_OVERRIDES, f"model.tie_embeddings={tied}",
-                                               "model.n_layer=2", "model.n_embd=64"])  # fmt: skip
+    cfg = load_config("gpt2_jax/configs/default.yaml",
+                      [*TINY_OVERRIDES, f"model.tie_embeddings={tied}", "model.n_layer=2",
+                       "model.n_embd=64"])  # fmt: skip
     trainer = Trainer(cfg.model, cfg.train, make_mesh(cfg.mesh))
     state = jax.eval_shape(trainer.init_state)
     x = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len), jnp.int32)

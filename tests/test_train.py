@@ -55,24 +55,24 @@ def test_default_command_path_end_to_end(tmp_path, prepared_shakespeare, capsys)
 
 
 def test_no_arguments_trains_default_yaml(monkeypatch):
-    """`python -m gpt2_jax.train` with no arguments resolves configs/default.yaml."""
+    """`python -m gpt2_jax.train` with no arguments resolves gpt2_jax/configs/default.yaml."""
     seen = {}
     monkeypatch.setattr("gpt2_jax.train.train", lambda cfg, **_: seen.setdefault("cfg", cfg))
     monkeypatch.chdir("/")
     assert main([]) == 0
-    assert seen["cfg"] == load_config(REPO / "configs" / "default.yaml")
+    assert seen["cfg"] == load_config(REPO / "gpt2_jax" / "configs" / "default.yaml")
 
 
 def test_sweep_parameters_are_valid_overrides():
     import yaml
 
-    sweep = yaml.safe_load((REPO / "configs" / "sweep.yaml").read_text())
+    sweep = yaml.safe_load((REPO / "gpt2_jax" / "configs" / "sweep.yaml").read_text())
     assert sweep["command"][-1] == "${args_no_hyphens}"
     overrides = []
     for key, spec in sweep["parameters"].items():
         values = [spec["value"]] if "value" in spec else spec.get("values", [spec.get("min")])
         overrides += [f"{key}={yaml.safe_dump(v).splitlines()[0]}" for v in values[:1]]
-    cfg = load_config(REPO / "configs" / "default.yaml", overrides)
+    cfg = load_config(REPO / "gpt2_jax" / "configs" / "default.yaml", overrides)
     assert cfg.wandb.mode == "online" and cfg.train.lr == sweep["parameters"]["train.lr"]["min"]
 
 

@@ -29,7 +29,7 @@ TINY_OVERRIDES = [
 
 def tiny_config(out_dir: Path, prepared: Path, *extra: str) -> Config:
     return load_config(
-        "configs/default.yaml",
+        "gpt2_jax/configs/default.yaml",
         [*TINY_OVERRIDES, f"train.out_dir={out_dir}", f"data.prepared_dir={prepared}", *extra],
     )
 
