@@ -1,4 +1,4 @@
-"""Statistics over seeds for `python -m benchmarks variants`, without scipy.
+"""Statistics over seeds for `python -m benchmarks variants`.
 
 Interval: the 95% Student-t interval of the mean, mean ± t_{0.975, n−1} · s / √n, with s the
 sample standard deviation (n − 1 in the denominator); none with one seed.
@@ -10,14 +10,16 @@ same timing window, so what the rows share in a seed cancels in the difference i
 counting as noise. When every difference is equal (a deterministic metric such as XLA's
 memory analysis) the test degenerates: p = 0 if the difference is non-zero, else 1.
 
-The Student-t CDF is computed exactly through the regularized incomplete beta function
-(continued fraction, modified Lentz), its quantile by bisection on the CDF.
+The t distribution is scipy's (`scipy.stats.t`); t and p equal `scipy.stats.ttest_rel`'s
+wherever the differences vary.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+from scipy import special, stats
 
 ALPHA = 0.05
 LEVEL = 0.95
@@ -26,66 +28,24 @@ TEST = ("paired t-test across seeds on per-seed differences (row − Standard), 
         "two-sided, α = 0.05")  # fmt: skip
 
 
-def _beta_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction of I_x(a, b), evaluated by the modified Lentz method."""
-    tiny, eps = 1e-300, 1e-15
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 10_000):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # fmt: skip
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= c * d
-        if abs(c * d - 1.0) < eps:
-            return h
-    raise ArithmeticError(f"incomplete beta did not converge for a={a}, b={b}, x={x}")
-
-
 def betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b) for a, b > 0 and 0 ≤ x ≤ 1."""
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"x must lie in [0, 1], got {x}")
-    if x in (0.0, 1.0):
-        return x
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x)
-                 + b * math.log1p(-x))  # fmt: skip
-    if x < (a + 1.0) / (a + b + 2.0):  # the fraction converges fast here
-        return math.exp(log_front) * _beta_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b
+    """The regularized incomplete beta function I_x(a, b) (`scipy.special.betainc`)."""
+    return float(special.betainc(a, b, x))
 
 
 def t_cdf(t: float, dof: float) -> float:
     """P(T ≤ t) for Student's t with `dof` degrees of freedom."""
-    if math.isinf(t):
-        return 1.0 if t > 0 else 0.0
-    tail = 0.5 * betainc(dof / 2.0, 0.5, dof / (dof + t * t))
-    return 1.0 - tail if t > 0 else tail
+    return float(stats.t.cdf(t, dof))
 
 
 def t_two_sided_p(t: float, dof: float) -> float:
     """P(|T| ≥ |t|) for Student's t with `dof` degrees of freedom."""
-    if math.isinf(t):
-        return 0.0
-    return betainc(dof / 2.0, 0.5, dof / (dof + t * t))
+    return float(2.0 * stats.t.sf(abs(t), dof))  # the survival function keeps small p exact
 
 
 def t_quantile(p: float, dof: float) -> float:
-    """The t with P(T ≤ t) = p (bisection on `t_cdf` to 1e-12)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must lie in (0, 1), got {p}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, dof)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, dof) < p:
-        lo, hi = hi, 2.0 * hi
-    while hi - lo > 1e-12 * max(1.0, hi):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_cdf(mid, dof) < p else (lo, mid)
-    return 0.5 * (lo + hi)
+    """The t with P(T ≤ t) = p."""
+    return float(stats.t.ppf(p, dof))
 
 
 def summary(values: Sequence[float | None]) -> dict:

@@ -6,7 +6,9 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from benchmarks import variants
 from benchmarks._variants_findings import CLAIMS, findings, judge
@@ -173,6 +175,21 @@ def test_paired_test_known_case():
     exact = paired_test([5.0, 5.0], [4.0, 4.0])  # a deterministic metric: no noise at all
     assert (exact["t"], exact["p"], exact["beyond_seed_noise"]) == (None, 0.0, "yes")
     assert paired_test([4.0, 4.0], [4.0, 4.0])["p"] == 1.0
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 12])
+def test_stats_agree_with_scipy(n):
+    """The interval is scipy's t interval and the test is `scipy.stats.ttest_rel`."""
+    rng = np.random.default_rng(n)
+    base = rng.normal(100.0, 5.0, n).tolist()
+    row = (np.asarray(base) * 1.02 + rng.normal(0.0, 1.0, n)).tolist()
+    s = summary(row)
+    lo, hi = stats.t.interval(0.95, n - 1, loc=np.mean(row), scale=stats.sem(row))
+    assert s["ci95"] == pytest.approx([lo, hi], rel=1e-12)
+    ref = stats.ttest_rel(row, base)
+    res = paired_test(row, base)
+    assert res["t"] == pytest.approx(ref.statistic, rel=1e-9)
+    assert res["p"] == pytest.approx(ref.pvalue, rel=1e-9) and res["dof"] == ref.df
 
 
 # ------------------------------------------------------------------------ verdict rules

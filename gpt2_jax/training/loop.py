@@ -27,7 +27,13 @@ from gpt2_jax.data.tokenizer import VOCAB_SIZE, decode, encode
 from gpt2_jax.decode.generation import generate
 from gpt2_jax.errors import UserError
 from gpt2_jax.formats.checkpoint import Checkpointer, warn
-from gpt2_jax.training.metrics import MetricsWriter, Wandb, plot_loss_curve, unigram_baseline
+from gpt2_jax.training.metrics import (
+    MetricsWriter,
+    TensorBoard,
+    Wandb,
+    plot_loss_curve,
+    unigram_baseline,
+)
 from gpt2_jax.training.resume import gather_data_states
 from gpt2_jax.training.step import Trainer
 
@@ -153,6 +159,7 @@ class TrainLoop:
                                     resume_step=start)  # fmt: skip
         if info.data_change:
             self.writer.write(info.data_change)
+        self.tb = TensorBoard(info.out / "tb", enabled=self.is_main, resume_step=start)
         self.wandb = Wandb(cfg.wandb.mode, cfg.wandb.project, cfg.wandb.name, info.out,
                            to_dict(cfg))  # fmt: skip
         self.clock = StepClock(synced=start)
@@ -187,6 +194,7 @@ class TrainLoop:
                 self.ckpt.wait()
         finally:
             self.end_profile()
+            self.tb.close()
             self.bar.close()
         return self.summary()
 
@@ -227,8 +235,7 @@ class TrainLoop:
                                  self.info.eval_batch_size)  # fmt: skip
         record = {"step": self.step, "val_loss": self.last_val,
                   "val_ppl": math.exp(self.last_val)}  # fmt: skip
-        self.writer.write(record)
-        self.wandb.log(record)
+        self.log(record)
         self.bar.write(f"step {self.step}: val loss {self.last_val:.4f}, ppl "
                        f"{math.exp(self.last_val):.2f}", file=sys.stderr)  # fmt: skip
         return paused_at
@@ -281,6 +288,12 @@ class TrainLoop:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def log(self, record: dict) -> None:
+        """One record to metrics.jsonl, TensorBoard and wandb."""
+        self.writer.write(record)
+        self.tb.log(record)
+        self.wandb.log(record)
+
     def flush(self) -> None:
         """Fetch and check the pending step's metrics (waiting for that step), if any."""
         if self.pending is not None:
@@ -318,8 +331,7 @@ class TrainLoop:
                 "skipped": int(m["skipped"]),
                 **self.moe_record(m),
             }
-            self.writer.write(record)
-            self.wandb.log(record)
+            self.log(record)
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}",
                                  mfu=f"{record['mfu']:.1%}")  # fmt: skip
             if not first_interval:  # the first interval includes compilation
@@ -342,6 +354,7 @@ class TrainLoop:
             "data_states": gather_data_states(self.loader.state_dict()),
         }
         self.ckpt.save(self.state, meta)
+        self.tb.flush()  # a crash then loses no event before this checkpoint
 
     def begin_profile(self) -> None:
         jax.profiler.start_trace(str(self.info.out / "profile"))
@@ -367,6 +380,7 @@ class TrainLoop:
             "val_ppl": math.exp(self.last_val) if self.last_val is not None else None,
             "unigram_baseline_loss": unigram_baseline(self.info.prepared_dir),
             "loss_png": str(png) if png else None,
+            "tensorboard": str(self.tb.logdir) if self.tb.logdir else None,
             "checkpoint": str(self.ckpt.directory / str(self.step)),
             "skipped_nonfinite": int(jax.device_get(self.state.skipped)),
             "tokens_per_sec": statistics.median(steady) if steady else None,

@@ -1,4 +1,4 @@
-"""Training metrics: FLOPs and MFU, metrics.jsonl, the loss-curve PNG and wandb.
+"""Training metrics: FLOPs and MFU, metrics.jsonl, TensorBoard, the loss-curve PNG and wandb.
 
 MFU follows PaLM (Chowdhery et al. 2022, appendix B): a token costs 6·N + 12·L·d·T_attn
 FLOPs for forward + backward, N the parameters that take part in matmuls (no position table,
@@ -9,6 +9,7 @@ min(w, T) with a sliding window w). MFU = achieved FLOP/s ÷ peak FLOP/s of the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -117,6 +118,78 @@ class MetricsWriter:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+# metrics.jsonl fields that measure speed, not learning: TensorBoard groups them under perf/.
+PERF_FIELDS = ("tokens_per_sec", "mfu", "step_time", "data_time")
+
+
+def tb_tag(key: str) -> str:
+    """TensorBoard tag of a metrics.jsonl field: val_loss → val/loss, moe_z_loss → moe/z_loss,
+    the PERF_FIELDS → perf/…, any other → train/…."""
+    for group in ("val", "moe"):
+        if key.startswith(group + "_"):
+            return f"{group}/{key[len(group) + 1 :]}"
+    return f"perf/{key}" if key in PERF_FIELDS else f"train/{key}"
+
+
+class TensorBoard:
+    """The numeric fields of each record as scalars in an event file under `logdir` (process 0,
+    and only when tensorboardX is installed)."""
+
+    FLUSH_SECS = 30.0  # a log this long after the last flush flushes again
+
+    def __init__(self, logdir: Path, *, enabled: bool, resume_step: int = 0):
+        self.events, self.logdir = None, None  # logdir: where events went, None if nowhere
+        if not enabled:
+            return
+        try:
+            # SummaryWriter queues events for a thread, so its flush() leaves the latest
+            # behind; EventsWriter writes them as they come and flushes them all.
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+        except ImportError as e:
+            # Silent when it is not installed, but for whoever has TensorBoard itself: they
+            # are looking for these curves.
+            if any(importlib.util.find_spec(m) for m in ("tensorboardX", "tensorboard")):
+                notice(f"no TensorBoard scalars: {e} (pip install 'gpt2-jax[tensorboard]')")
+            return
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.events, self.logdir = EventsWriter(str(logdir / "events")), logdir
+        # A resumed run redoes the steps past its checkpoint: this START makes TensorBoard hide
+        # the earlier events from its step on. Fresh runs write one too, because TensorBoard
+        # ignores the first START of a directory.
+        start = SessionLog(status=SessionLog.START)
+        self.events.write_event(Event(wall_time=time.time(), step=resume_step + 1,
+                                      session_log=start))  # fmt: skip
+        self.flush()
+
+    def log(self, record: dict) -> None:
+        """Each int or float field of `record` but `step`, at `record["step"]`."""
+        if self.events is None:
+            return
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=tb_tag(key), simple_value=value)
+                  for key, value in record.items()
+                  if key != "step" and isinstance(value, (int, float))]  # fmt: skip
+        if values:
+            event = Event(wall_time=time.time(), step=record["step"], summary=Summary(value=values))
+            self.events.write_event(event)
+        if time.monotonic() - self.flushed > self.FLUSH_SECS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Every event so far onto the disk."""
+        if self.events is not None:
+            self.events.flush()
+            self.flushed = time.monotonic()
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+            self.events = None
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path | None:
