@@ -1,19 +1,22 @@
 """Convert between Hugging Face folders and gpt2_jax checkpoints.
 
     python -m gpt2_jax.convert from-hf --hf-dir DIR --out DIR
-    python -m gpt2_jax.convert to-hf --checkpoint DIR --out DIR
+    python -m gpt2_jax.convert to-hf --checkpoint DIR --out DIR [--dtype bfloat16]
 
-Both write config.json + model.safetensors (fp32), in the first format that computes the model
-exactly (`gpt2_jax.formats.hf_format`), plus GPT-2's tokenizer files when the vocabulary is GPT-2's:
+Both write config.json + model.safetensors (fp32; to-hf `--dtype bfloat16` halves it) +
+generation_config.json, in the first format that computes the model exactly
+(`gpt2_jax.formats.hf_format`), plus GPT-2's tokenizer files when the vocabulary is GPT-2's:
 
 - standard (learned positions, MHA, no window, biases): GPT-2, for GPT2LMHeadModel;
 - every RoPE variant (any n_kv_head, any window, with or without biases): Starcoder2;
 - learned positions with MQA (no window, biases): GPTBigCode with multi_query;
-- the rest (learned positions with GQA, a window or no biases): gpt2_jax's extended GPT-2,
-  model_type `gpt2_jax`, which transformers' Auto classes refuse rather than misread.
+- the rest (learned positions with GQA, a window or no biases; every MoE model): gpt2_jax's
+  extended GPT-2, model_type `gpt2_jax`, with its modeling code in the folder
+  (`gpt2_jax.formats.hf_remote`).
 
-`transformers.AutoModelForCausalLM.from_pretrained(out)` loads the first three and
-`AutoTokenizer` / `pipeline("text-generation", model=out)` work offline. One stderr line says
+`transformers.AutoModelForCausalLM.from_pretrained(out)` loads the first three, and with
+`trust_remote_code=True` the fourth; `AutoTokenizer` / `pipeline("text-generation", model=out)`
+work offline. One stderr line says
 which format was written and why. That folder is also the converted checkpoint format
 `evaluate`, `generate` and `train.init_from` accept; from-hf reads the four formats (and older
 gpt2_jax exports), and `gpt2_torch_ref.load_folder` reads them in torch.
@@ -31,10 +34,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from gpt2_jax.errors import ArgParser, UserError, cli_main, notice
 from gpt2_jax.formats.hf_format import (
+    DTYPES,
     FORMATS,
     export_format,
     is_hf_folder,
@@ -108,10 +113,17 @@ def _check_out(src: Path, out: Path, overwrite: bool, flag: str) -> None:
         raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
 
 
-def write_folder(model: GPT, out: str | Path) -> Path:
-    """Save `model` as an HF-format folder at `out`, via a temporary sibling and a rename, after
-    checking the written folder reloads to identical weights. An existing `out` is replaced
-    unless it holds a training run or checkpoint (a UserError)."""
+def _as_written(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """`arr` in fp32 after the rounding to `dtype` that writing it does."""
+    arr = np.asarray(arr, np.float32)
+    return arr if dtype == "float32" else arr.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def write_folder(model: GPT, out: str | Path, dtype: str = "float32") -> Path:
+    """Save `model` as an HF-format folder at `out` with weights in `dtype`, via a temporary
+    sibling and a rename, after checking the written folder reloads to identical weights (after
+    that dtype's rounding). An existing `out` is replaced unless it holds a training run or
+    checkpoint (a UserError)."""
     out = Path(out).resolve()  # a symlinked --out: replace the folder it points to
     held = _protected(out) if out.is_dir() else None
     if held is not None:
@@ -119,10 +131,10 @@ def write_folder(model: GPT, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_hf_folder(model, tmp)
+        save_hf_folder(model, tmp, dtype)
         want, got = to_hf_state_dict(model), to_hf_state_dict(load_hf_folder(tmp))
         for name, arr in want.items():
-            if not np.array_equal(np.asarray(arr, np.float32), got[name]):
+            if not np.array_equal(_as_written(arr, dtype), np.asarray(got[name], np.float32)):
                 raise RuntimeError(f"{name} did not survive the write to {tmp}")
         if out.exists():
             shutil.rmtree(out)
@@ -159,10 +171,14 @@ def describe_format(model: GPT, out: str | Path) -> str:
         )
     why = f"this model has {_describe_extras(model)}, which transformers' GPT2LMHeadModel cannot "
     if fmt == "gpt2_jax":
+        if model.cfg.moe_experts:
+            why = "this model has Mixture-of-Experts layers, which no transformers architecture "
+        else:
+            why += "represent and no other transformers architecture "
         return (
-            f"format: {name} (model_type gpt2_jax): {why}represent and no other transformers "
-            "architecture computes exactly; transformers' Auto classes refuse it, gpt2_jax and "
-            "gpt2_torch_ref.load_folder read it"
+            f"format: {name} (model_type gpt2_jax): {why}computes exactly; the folder carries "
+            f"its modeling code: transformers.AutoModelForCausalLM.from_pretrained({out!r}, "
+            "trust_remote_code=True) loads it, as do gpt2_jax and gpt2_torch_ref.load_folder"
         )
     cls = "Starcoder2ForCausalLM" if fmt == "starcoder2" else "GPTBigCodeForCausalLM"
     return (
@@ -188,13 +204,16 @@ def from_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     return model
 
 
-def to_hf(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False) -> GPT:
-    """Write any checkpoint `evaluate` accepts as an HF folder; returns the model written."""
+def to_hf(
+    checkpoint: str | Path, out: str | Path, *, overwrite: bool = False, dtype: str = "float32"
+) -> GPT:
+    """Write any checkpoint `evaluate` accepts as an HF folder with weights in `dtype`; returns
+    the model written."""
     src, out = Path(checkpoint), Path(out)
     if src.exists():
         _check_out(src, out, overwrite, "--checkpoint")
     model = load_model(src)
-    write_folder(model, out)
+    write_folder(model, out, dtype)
     return model
 
 
@@ -224,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a training run's out_dir (newest checkpoint), a checkpoint directory, or a "
         "converted folder",
     )
+    t.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="the weights' dtype in model.safetensors (config.json's torch_dtype); default float32",
+    )
     for p in (f, t):
         p.add_argument(
             "--out",
@@ -245,12 +270,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         source = FORMATS[read_hf_config(args.hf_dir).get("model_type", "gpt2")]
         what = f"from the {source} folder {args.hf_dir}"
     else:
-        model = to_hf(args.checkpoint, args.out, overwrite=args.overwrite)
+        model = to_hf(args.checkpoint, args.out, overwrite=args.overwrite, dtype=args.dtype)
         what = f"from {args.checkpoint}"
     tokenizer = (Path(args.out) / "vocab.json").is_file()
     n_params = sum(a.size for a in to_hf_state_dict(model).values())  # as written: pads trimmed
+    dtype = getattr(args, "dtype", "float32")
+    in_dtype = f" in {dtype}" if dtype != "float32" else ""
     print(
-        f"wrote {args.out} ({n_params:,} parameters{', GPT-2 tokenizer' * tokenizer}) {what}",
+        f"wrote {args.out} ({n_params:,} parameters{in_dtype}{', GPT-2 tokenizer' * tokenizer}) "
+        f"{what}",
         file=sys.stderr,
     )
     print(describe_format(model, args.out), file=sys.stderr)

@@ -35,18 +35,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate x [B, heads, T, hd] by angle pos · θ^(−2i/hd) (rotate-half convention)."""
+    """Rotate x [B, heads, T, hd] by angle pos · θ^(−2i/hd) (rotate-half convention), in fp32;
+    returned in x's dtype."""
     hd = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    arange = torch.arange(0, hd, 2, dtype=torch.float32, device=x.device)
+    inv_freq = 1.0 / (theta ** (arange / hd))
     angle = positions.float()[:, None] * inv_freq[None, :]  # [T, hd/2]
     angle = torch.cat([angle, angle], dim=-1)
-    return x * angle.cos() + rotate_half(x) * angle.sin()
+    return (x * angle.cos() + rotate_half(x) * angle.sin()).to(x.dtype)
 
 
-def attention_mask(t: int, window: int | None) -> torch.Tensor:
+def attention_mask(t: int, window: int | None, device: torch.device | None = None) -> torch.Tensor:
     """True where query i may attend to key j: j <= i and, with a window w, i - w < j."""
-    i = torch.arange(t)[:, None]
-    j = torch.arange(t)[None, :]
+    i = torch.arange(t, device=device)[:, None]
+    j = torch.arange(t, device=device)[None, :]
     allowed = j <= i
     if window is not None:
         allowed = allowed & (i - j < window)
@@ -73,7 +75,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, cfg.kv_heads, hd).transpose(1, 2)  # [B, kv_heads, T, hd]
         v = v.view(B, T, cfg.kv_heads, hd).transpose(1, 2)
         if cfg.pos_embedding == "rope":
-            pos = torch.arange(T)
+            pos = torch.arange(T, device=x.device)
             q = rope(q, pos, cfg.rope_theta)
             k = rope(k, pos, cfg.rope_theta)
         # Grouped-query attention: each K/V head serves n_head / kv_heads query heads.
@@ -81,7 +83,8 @@ class CausalSelfAttention(nn.Module):
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
-        scores = scores.masked_fill(~attention_mask(T, cfg.attention_window), float("-inf"))
+        mask = attention_mask(T, cfg.attention_window, x.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
         probs = F.softmax(scores, dim=-1)  # no attention dropout, as in gpt2_jax
         y = (probs @ v).transpose(1, 2).reshape(B, T, cfg.n_head * hd)
         return self.resid_dropout(self.c_proj(y))

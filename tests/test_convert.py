@@ -87,6 +87,7 @@ def test_to_hf_loads_in_transformers_and_generates_same_tokens(tmp_path, capsys,
     assert "GPT2LMHeadModel.from_pretrained" in err
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
         "config.json",
+        "generation_config.json",
         "model.safetensors",
     ]
 

@@ -223,7 +223,9 @@ def test_prefix_less_gpt2_weights_are_read(tmp_path, capsys):
     assert rel_diff(torch_logits(load_folder(tmp_path / "hf"), TOKENS), want) <= REL_TOL
 
 
-def test_unrepresentable_variant_is_refused_by_transformers(tmp_path, capsys):
+def test_unrepresentable_variant_needs_trust_remote_code(tmp_path, capsys):
+    """Its folder carries modeling code (tests/test_hf_remote.py), which transformers runs only
+    when told to."""
     from transformers import AutoModelForCausalLM
 
     cfg = ModelConfig(**BASE, n_kv_head=2, attention_window=4)  # learned positions + GQA + window
@@ -232,8 +234,9 @@ def test_unrepresentable_variant_is_refused_by_transformers(tmp_path, capsys):
     line = err.splitlines()[1]
     assert line.startswith("format: gpt2_jax's extended GPT-2 (model_type gpt2_jax)")
     assert "2 kv heads for 4 query heads, attention window 4" in line
+    assert "trust_remote_code=True" in line
     assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2_jax"
-    with pytest.raises(ValueError, match="gpt2_jax"):
+    with pytest.raises(ValueError, match="trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(out)
     ours = np.asarray(forward(model, jnp.asarray(TOKENS)))
     assert rel_diff(ours, torch_logits(load_folder(out), TOKENS)) <= REL_TOL

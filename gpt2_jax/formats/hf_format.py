@@ -6,13 +6,18 @@ A model is written in the first format that computes it exactly (`export_format`
 - `starcoder2` (Starcoder2ForCausalLM): every RoPE variant (`gpt2_jax.formats.hf_archs`);
 - `gpt_bigcode` (GPTBigCodeForCausalLM, multi_query): learned positions, MQA, no window, biases;
 - `gpt2_jax`: the rest (learned positions with GQA, a window or no biases; every MoE model).
-  GPT-2's keys and weight names plus ours, under a model_type transformers' Auto classes refuse.
+  GPT-2's keys and weight names plus ours, and the modeling code transformers runs with
+  `trust_remote_code=True` (`auto_map`; `gpt2_jax.formats.hf_remote`).
 
 Every config.json also carries our keys `n_kv_head`, `pos_embedding`, `rope_theta`,
 `attention_window` and `bias` (transformers ignores them); a MoE model (always `gpt2_jax`)
 adds `moe_experts`, `moe_top_k`, `moe_every` and `moe_capacity_factor`. Reading accepts the
 four formats and the older files that were model_type gpt2 with those keys, GPT-2 weights
 with or without the `transformer.` prefix, and refuses anything else in one line.
+
+Weights are written in float32 or bfloat16 (`save_hf_folder(..., dtype=)`, config.json's
+`torch_dtype` / `dtype`); every folder also gets a generation_config.json with GPT-2's
+<|endoftext|> as bos and eos when the vocabulary holds it.
 
 Folders hold the logical vocabulary: `model.vocab_pad_multiple` padding is trimmed on export
 and config.json neither carries it nor counts it in vocab_size; reading pads (with zero rows)
@@ -29,7 +34,7 @@ from flax import nnx
 
 from gpt2_jax.config import ConfigError, ModelConfig, model_config_from_dict
 from gpt2_jax.errors import UserError
-from gpt2_jax.formats import hf_archs
+from gpt2_jax.formats import hf_archs, hf_remote
 from gpt2_jax.formats.hf_tokenizer import write_tokenizer_files
 from gpt2_jax.formats.weights import load_hf_state_dict, to_hf_state_dict
 from gpt2_jax.model.gpt import GPT
@@ -43,6 +48,7 @@ FORMATS = {
     "gpt2_jax": "gpt2_jax's extended GPT-2",
 }
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+DTYPES = ("float32", "bfloat16")  # what save_hf_folder writes weights in
 
 
 def is_standard_gpt2(cfg: ModelConfig) -> bool:
@@ -89,11 +95,20 @@ def _gpt2_config(cfg: ModelConfig, model_type: str) -> dict:
     }
     if model_type == "gpt2":
         d["architectures"] = ["GPT2LMHeadModel"]
+    else:  # gpt2_jax: the folder's own modeling code, which keeps no KV cache
+        d |= {"architectures": [hf_remote.ARCHITECTURE], "auto_map": hf_remote.AUTO_MAP}
+        d["use_cache"] = False
     return d
 
 
-def hf_config_dict(cfg: ModelConfig) -> dict:
-    """config.json for `cfg` in its export format, plus our extra keys."""
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """config.json for `cfg` in its export format with weights in `dtype`, plus our extra keys."""
+    _check_dtype(dtype)
     fmt = export_format(cfg)
     if fmt == "starcoder2":
         d = hf_archs.starcoder2_config(cfg)
@@ -102,7 +117,13 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
     else:
         d = _gpt2_config(cfg, fmt)
     moe = MOE_KEYS if cfg.moe_experts else ()
+    d |= {"torch_dtype": dtype, "dtype": dtype}  # transformers 4.x reads the first, 5.x both
     return {**d, **{key: getattr(cfg, key) for key in (*EXTRA_KEYS, *moe)}}
+
+
+def generation_config_dict(cfg: ModelConfig) -> dict:
+    """generation_config.json: GPT-2's <|endoftext|> as bos and eos (None without it)."""
+    return hf_archs.special_tokens(cfg.vocab_size)
 
 
 def _gpt2_fields(d: dict) -> dict:
@@ -272,11 +293,14 @@ def load_hf_folder(path: str | Path, **overrides) -> GPT:
     return model
 
 
-def save_hf_folder(model: GPT, path: str | Path) -> Path:
-    """Write config.json + model.safetensors (fp32, contiguous) in the model's export format
-    into `path`, and GPT-2's tokenizer files when they fit its vocabulary and can be read."""
+def save_hf_folder(model: GPT, path: str | Path, dtype: str = "float32") -> Path:
+    """Write config.json + model.safetensors (`dtype`, contiguous) + generation_config.json in
+    the model's export format into `path`, the modeling code of a `gpt2_jax` folder, and GPT-2's
+    tokenizer files when they fit its vocabulary and can be read."""
+    import ml_dtypes
     from safetensors.numpy import save_file
 
+    _check_dtype(dtype)
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -286,8 +310,17 @@ def save_hf_folder(model: GPT, path: str | Path) -> Path:
         state = hf_archs.to_starcoder2(state, cfg)
     elif fmt == "gpt_bigcode":
         state = hf_archs.to_bigcode(state)
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
+    np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+    # Through fp32, so a bf16 model's weights are written as they are, and others rounded once.
+    tensors = {
+        k: np.ascontiguousarray(np.asarray(v, np.float32).astype(np_dtype))
+        for k, v in state.items()
+    }
     save_file(tensors, str(p / "model.safetensors"), metadata={"format": "pt"})
-    (p / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    (p / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2) + "\n")
+    generation = json.dumps(generation_config_dict(cfg), indent=2) + "\n"
+    (p / "generation_config.json").write_text(generation)
+    if fmt == "gpt2_jax":
+        hf_remote.write_remote_code(p)
     write_tokenizer_files(p, cfg.vocab_size, cfg.max_seq_len)
     return p
