@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from gpt2_jax import host_malloc
+from gpt2_jax import compile_cache, host_malloc
 
 COMMANDS = {
     "train": "train a GPT-2 variant from a config (python -m gpt2_jax.train)",
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 def console() -> None:
     """The `gpt2-jax` console script."""
     host_malloc.tune()  # before jax starts its threads
+    compile_cache.enable()
     raise SystemExit(main())
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from gpt2_jax import host_malloc
+from gpt2_jax import compile_cache, host_malloc
 from gpt2_jax.config import DTYPES, DataConfig
 from gpt2_jax.data import prepare_source, read_meta, resolve_source, verify_prepared
 from gpt2_jax.data.dir_lock import locked
@@ -494,4 +494,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     host_malloc.tune()  # before jax starts its threads
+    compile_cache.enable()
     sys.exit(main())

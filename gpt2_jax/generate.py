@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax import host_malloc
+from gpt2_jax import compile_cache, host_malloc
 from gpt2_jax.data import tokenizer
 from gpt2_jax.decode.decoder import (
     SEED_LIMIT,
@@ -230,4 +230,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     host_malloc.tune()  # before jax starts its threads
+    compile_cache.enable()
     raise SystemExit(main())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from gpt2_jax import data, host_malloc
+from gpt2_jax import compile_cache, data, host_malloc
 from gpt2_jax.config import Config, ConfigError, config_reference, dump_yaml, resolve_config_path
 from gpt2_jax.data import prepare_source
 from gpt2_jax.errors import ArgParser, cli_main, notice
@@ -252,4 +252,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     host_malloc.tune()  # before jax starts its threads
+    compile_cache.enable()
     raise SystemExit(main())

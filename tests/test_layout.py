@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP = {"__init__", "__main__", "config", "errors", "host_malloc", "train", "evaluate", "generate",
-       "convert"}  # fmt: skip
+TOP = {"__init__", "__main__", "config", "errors", "host_malloc", "compile_cache", "train",
+       "evaluate", "generate", "convert"}  # fmt: skip
 PACKAGES = {"data", "decode", "formats", "model", "ops", "parallel", "training"}
 
 PROBE = """
