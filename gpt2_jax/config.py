@@ -22,6 +22,11 @@ LOSS_IMPLS = ("full", "chunked")
 MOE_IMPLS = ("auto", "grouped", "ragged", "dense")
 
 
+def _key(default: Any, meaning: str) -> Any:
+    """A config field with its one-line meaning (`--help`, and the start of docs/config.md's)."""
+    return field(default=default, metadata={"help": meaning})
+
+
 class ConfigError(UserError):
     """A config value that cannot work."""
 
@@ -30,37 +35,41 @@ class ConfigError(UserError):
 class ModelConfig:
     """Architecture of one GPT-2 variant; names match HF GPT-2 where they exist."""
 
-    vocab_size: int = 50257  # the logical vocabulary: token ids lie in [0, vocab_size)
-    # Embedding rows and head columns are padded to a multiple of this (128: 50257 → 50304) so
-    # the vocab axis splits over `tensor` and tiles well; padded logits are -inf, exports
-    # trimmed. 1 = no padding.
-    vocab_pad_multiple: int = 1
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int | None = None  # None = n_head (MHA); 1 = MQA
-    n_embd: int = 768
-    max_seq_len: int = 1024  # size of the learned position table
-    pos_embedding: str = "learned"  # "learned" | "rope"
-    rope_theta: float = 10000.0
-    attention_window: int | None = None  # w: token i sees j with i - w < j <= i
-    dropout: float = 0.0
-    bias: bool = True
-    tie_embeddings: bool = True
-    layer_norm_eps: float = 1e-5
-    dtype: str = "auto"  # compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
-    param_dtype: str = "float32"
-    attention_impl: str = "auto"  # "auto" | "xla" | "chunked" | "blocked" | "cudnn"
-    scan_layers: bool = False  # blocks stacked on a layer axis and run by one scan
-    # Mixture-of-Experts (gpt2_jax.model.moe): layer i's MLP is routed when i % every == every - 1.
-    moe_experts: int = 0  # 0 = dense MLP in every layer
-    moe_top_k: int = 2
-    moe_every: int = 1  # 2 = every second layer (Switch / GShard)
-    moe_capacity_factor: float | None = None  # None = dropless; else ceil(cf·T·k/E) per expert
-    moe_aux_loss_coef: float = 0.01  # load-balance loss weight in the training loss
-    moe_z_loss_coef: float = 0.001  # router z-loss weight in the training loss
-    # "auto" = "grouped" on CPU (sorted rows, blocked per-expert matmuls), "ragged" on GPU/TPU
-    # (jax.lax.ragged_dot); "dense" runs every expert on every token (the test reference).
-    moe_impl: str = "auto"
+    vocab_size: int = _key(50257, "the logical vocabulary: token ids lie in [0, vocab_size)")
+    vocab_pad_multiple: int = _key(1, "pads the embedding and an untied head to a multiple of it")
+    n_layer: int = _key(12, "transformer blocks")
+    n_head: int = _key(12, "query heads")
+    n_kv_head: int | None = _key(
+        None, "K/V heads (null = `n_head`, MHA; 1 = MQA; between: GQA); must divide `n_head`"
+    )
+    n_embd: int = _key(768, "model width d")
+    max_seq_len: int = _key(1024, "size of the learned position table")
+    pos_embedding: str = _key("learned", "`learned` | `rope` (RoPE needs an even head dim)")
+    rope_theta: float = _key(10000.0, "RoPE base frequency")
+    attention_window: int | None = _key(None, "null = full causal")
+    dropout: float = _key(0.0, "dropout rate, in [0, 1)")
+    bias: bool = _key(True, "biases in the linear layers")
+    tie_embeddings: bool = _key(True, "LM head shares the token embedding")
+    layer_norm_eps: float = _key(1e-5, "LayerNorm epsilon")
+    dtype: str = _key("auto", "compute dtype: `auto` = bfloat16 on GPU/TPU, float32 on CPU")
+    param_dtype: str = _key("float32", "parameter (and optimizer state) dtype")
+    attention_impl: str = _key(
+        "auto", "`auto` | `xla` | `chunked` | `blocked` | `cudnn` (attention.md)"
+    )
+    scan_layers: bool = _key(
+        False, "blocks stacked on a layer axis and run by one `jax.lax.scan` (training.md)"
+    )
+    moe_experts: int = _key(0, "Mixture-of-Experts: experts per MoE layer")
+    moe_top_k: int = _key(2, "experts per token, in [1, moe_experts]")
+    moe_every: int = _key(1, "layer i's MLP is routed when i % every == every − 1")
+    moe_capacity_factor: float | None = _key(None, "null = dropless")
+    moe_aux_loss_coef: float = _key(0.01, "load-balance loss weight in the training loss")
+    moe_z_loss_coef: float = _key(0.001, "router z-loss weight in the training loss")
+    moe_impl: str = _key(
+        "auto",
+        "`auto` = `grouped` on CPU (sorted rows, blocked per-expert matmuls), `ragged` on GPU/TPU "
+        "(`jax.lax.ragged_dot`)",
+    )
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -177,47 +186,79 @@ class ModelConfig:
 class DataConfig:
     """Where training text comes from and how it is tokenised."""
 
-    source: str = "shakespeare"  # name, path/glob, .jsonl/.json/.parquet, or hf:<name>[:<cfg>]
-    prepared_dir: str | None = None  # None = <train.out_dir>/data
-    val_fraction: float = 0.05
-    text_field: str = "text"
-    decode_errors: str = "strict"  # "strict" | "replace"
-    streaming: bool = False
-    shuffle_buffer: int = 0  # streaming only; 0 = no shuffle
-    num_threads: int = 0  # 0 = os.cpu_count()
+    source: str = _key(
+        "shakespeare",
+        "`shakespeare` (the built-in plays), a path or glob of `.txt/.md/.jsonl/.json/.parquet`, "
+        "or `hf:<dataset>[:<config>]`",
+    )
+    prepared_dir: str | None = _key(None, "where the tokenised shards go")
+    val_fraction: float = _key(
+        0.05, "share of documents held out for validation (by a hash of each document)"
+    )
+    text_field: str = _key("text", "JSON field / parquet or dataset column holding the text")
+    decode_errors: str = _key("strict", "`strict`: a byte that is not UTF-8 is an error")
+    streaming: bool = _key(
+        False,
+        "stream huge sources with a resumable read-ahead loader instead of preparing `train.bin`",
+    )
+    shuffle_buffer: int = _key(0, "streaming only: documents shuffled in a buffer")
+    num_threads: int = _key(0, "tokeniser threads (prepare and the streaming read-ahead)")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, schedule, logging and run-directory settings."""
 
-    batch_size: int = 16  # global, in sequences
-    seq_len: int = 256
-    grad_accum: int = 1
-    max_steps: int = 1000
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # global norm; 0 = off
-    seed: int = 0
-    eval_every: int = 250
-    eval_steps: int = 20
-    log_every: int = 10
-    sample_every: int = 0  # 0 = never
-    out_dir: str = "out"
-    init_from: str | None = None  # start from these weights (a run, checkpoint or HF folder)
-    remat: str = "none"  # "none" | "block" | "dots"
-    resume: bool = True
-    overwrite: bool = False
-    skip_nonfinite: bool = False
-    allow_data_change: bool = False  # resume on data other than the checkpoint's (recorded)
-    peak_flops: float | None = None  # per device; None = table or CPU probe
-    loss_impl: str = "chunked"  # "chunked" (fused LM head + loss, no [tokens, V] logits) | "full"
-    loss_chunk: int = 128  # sequence positions per chunk of the chunked loss
-    profile_steps: list[int] | None = None  # [START, STOP]: jax.profiler trace → out_dir/profile
+    batch_size: int = _key(16, "global batch, in sequences")
+    seq_len: int = _key(256, "training sequence length")
+    grad_accum: int = _key(1, "micro-batches per step, scanned inside the jitted step")
+    max_steps: int = _key(1000, "optimizer steps")
+    lr: float = _key(6e-4, "peak learning rate")
+    min_lr: float = _key(6e-5, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _key(100, "linear warmup steps")
+    weight_decay: float = _key(
+        0.1, "AdamW weight decay (matrices and embeddings; not biases and LayerNorm)"
+    )
+    beta1: float = _key(0.9, "AdamW β₁")
+    beta2: float = _key(0.95, "AdamW β₂")
+    grad_clip: float = _key(1.0, "global-norm clipping")
+    seed: int = _key(
+        0, "the run's random state is (seed, step): initialisation, dropout and batch order"
+    )
+    eval_every: int = _key(250, "steps between validation evaluations")
+    eval_steps: int = _key(20, "batches per evaluation")
+    log_every: int = _key(10, "steps between logged metrics")
+    sample_every: int = _key(0, "steps between generated samples")
+    out_dir: str = _key(
+        "out", "the run directory: checkpoints, `metrics.jsonl`, `config.yaml`, `loss.png`"
+    )
+    init_from: str | None = _key(
+        None, "start from these weights (a run, checkpoint or HF folder) (training.md)"
+    )
+    remat: str = _key(
+        "none",
+        "activation rematerialisation per block: `none` | `block` (recompute the whole block in "
+        "the backward pass) | `dots` (keep the outputs of matmuls without batch dimensions, "
+        "recompute the rest)",
+    )
+    resume: bool = _key(True, "resume from the newest complete checkpoint in `out_dir`")
+    overwrite: bool = _key(
+        False, "with `resume=false`: delete `checkpoints/` and `metrics.jsonl` and start over"
+    )
+    skip_nonfinite: bool = _key(
+        False, "skip (and count) updates with a non-finite loss or gradient instead of stopping"
+    )
+    allow_data_change: bool = _key(
+        False, "resume on data other than the checkpoint's (recorded in `metrics.jsonl`)"
+    )
+    peak_flops: float | None = _key(None, "peak FLOP/s per device for MFU")
+    loss_impl: str = _key(
+        "chunked", "`chunked` (fused LM head + loss, no [tokens, V] logits) | `full`"
+    )
+    loss_chunk: int = _key(128, "sequence positions per chunk of the chunked loss")
+    profile_steps: list[int] | None = _key(
+        None, "`[START, STOP]`: a `jax.profiler` trace of those steps → `out_dir/profile`"
+    )
 
     def __post_init__(self) -> None:
         if self.loss_impl not in LOSS_IMPLS:
@@ -232,22 +273,31 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 500
-    keep: int = 3
-    async_save: bool = True
+    every: int = _key(500, "steps between saves (and one at the end)")
+    keep: int = _key(3, "newest checkpoints kept")
+    async_save: bool = _key(True, "write checkpoints in the background while training goes on")
 
 
 @dataclass(frozen=True)
 class MeshConfig:
     """Device mesh; -1 takes the devices left over."""
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = _key(-1, "data parallelism (the outermost axis)")
+    fsdp: int = _key(
+        1,
+        "FSDP: shards every matrix's model dimension (parameters and optimizer state) and the "
+        "batch",
+    )
+    tensor: int = _key(
+        1,
+        "tensor parallelism (innermost): heads, the MLP (Megatron column / row) and the vocabulary",
+    )
     # Splits MoE experts (each device holds E / expert) and the batch; in the device grid it
     # sits between fsdp and tensor (gpt2_jax.parallel.sharding.MESH_AXES).
-    expert: int = 1
-    distributed: str | bool = "auto"  # "auto" | "on" | "off"
+    expert: int = _key(1, "splits MoE experts (each device holds E / expert) and the batch")
+    distributed: str | bool = _key(
+        "auto", "`auto` | `on` | `off`: when to call `jax.distributed.initialize()`"
+    )
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads a bare on / off (mesh.distributed=on) as a boolean.
@@ -257,9 +307,9 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class WandbConfig:
-    mode: str = "disabled"  # "disabled" | "offline" | "online"
-    project: str = "gpt2-jax"
-    name: str | None = None
+    mode: str = _key("disabled", "`disabled` | `offline` | `online`")
+    project: str = _key("gpt2-jax", "wandb project")
+    name: str | None = _key(None, "run name")
 
 
 @dataclass(frozen=True)
@@ -447,39 +497,6 @@ def load_config(
             raise ConfigError(f"config section 'model' must be a mapping, got {model!r}")
         data["model"] = {**model_source(train["init_from"]), **model}
     return config_from_dict(data)
-
-
-# The enumerated keys and their values (the tuples validation checks against).
-CHOICES: dict[str, tuple] = {
-    "model.pos_embedding": POS_EMBEDDINGS,
-    "model.dtype": ("auto", *DTYPES),
-    "model.param_dtype": DTYPES,
-    "model.attention_impl": ATTENTION_IMPLS,
-    "model.moe_impl": MOE_IMPLS,
-    "train.loss_impl": LOSS_IMPLS,
-}
-
-
-def _type_name(tp: Any) -> str:
-    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
-def config_reference() -> str:
-    """Every section and key of `Config` with its type, default and (where enumerated) its
-    values, for `--help`; the meanings are in docs/config.md."""
-    lines = ["config keys (section.key=value; meanings in docs/config.md):"]
-    hints = typing.get_type_hints(Config)
-    for section in dataclasses.fields(Config):
-        cls = hints[section.name]
-        lines.append(f"  {section.name}:")
-        types = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            key = f"{section.name}.{f.name}"
-            values = f"  one of {', '.join(CHOICES[key])}" if key in CHOICES else ""
-            lines.append(f"    {f.name}: {_type_name(types[f.name])} = {default!r}{values}")
-    lines.append(f"named configs (--config NAME): {', '.join(config_names())}")
-    return "\n".join(lines)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -13,12 +13,25 @@ import functools
 import math
 import os
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
 import jax
 
 from gpt2_jax import compile_cache, data, host_malloc
-from gpt2_jax.config import Config, ConfigError, config_reference, dump_yaml, resolve_config_path
+from gpt2_jax.config import (
+    ATTENTION_IMPLS,
+    DTYPES,
+    LOSS_IMPLS,
+    MOE_IMPLS,
+    POS_EMBEDDINGS,
+    Config,
+    ConfigError,
+    config_names,
+    dump_yaml,
+    resolve_config_path,
+)
 from gpt2_jax.data import prepare_source
 from gpt2_jax.errors import ArgParser, cli_main, notice
 from gpt2_jax.formats.checkpoint import Checkpointer
@@ -40,6 +53,39 @@ from gpt2_jax.training.resume import (
 )
 from gpt2_jax.training.run_dir import open_run, prepare_out_dir
 from gpt2_jax.training.step import Trainer
+
+# The enumerated keys and their values (the tuples validation checks against).
+CHOICES: dict[str, tuple] = {
+    "model.pos_embedding": POS_EMBEDDINGS,
+    "model.dtype": ("auto", *DTYPES),
+    "model.param_dtype": DTYPES,
+    "model.attention_impl": ATTENTION_IMPLS,
+    "model.moe_impl": MOE_IMPLS,
+    "train.loss_impl": LOSS_IMPLS,
+}
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def config_reference() -> str:
+    """Every section and key of `Config` with its type, default, values (where enumerated) and
+    one-line meaning, for `--help`; docs/config.md says more."""
+    lines = ["config keys (section.key=value; more in docs/config.md):"]
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        cls = hints[section.name]
+        lines.append(f"  {section.name}:")
+        types = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            key = f"{section.name}.{f.name}"
+            values = f"  one of {', '.join(CHOICES[key])}" if key in CHOICES else ""
+            lines.append(f"    {f.name}: {_type_name(types[f.name])} = {default!r}{values}")
+            lines.append(f"        {f.metadata['help']}")
+    lines.append(f"named configs (--config NAME): {', '.join(config_names())}")
+    return "\n".join(lines)
 
 
 def validate(cfg: Config) -> None:

@@ -73,9 +73,10 @@ def _anchors(path: Path) -> set[str]:
 # -- 1. docs/config.md against the dataclasses -----------------------------------------------
 
 
-def _config_tables() -> dict[str, dict[str, tuple[str, str]]]:
-    """{section: {key: (type, default)}} from the `## `section`` tables of docs/config.md."""
-    tables: dict[str, dict[str, tuple[str, str]]] = {}
+def _config_tables() -> dict[str, dict[str, tuple[str, str, str]]]:
+    """{section: {key: (type, default, meaning)}} from the `## `section`` tables of
+    docs/config.md (the meaning with its links reduced to their text)."""
+    tables: dict[str, dict[str, tuple[str, str, str]]] = {}
     section = None
     for line in _prose((ROOT / "docs" / "config.md").read_text()).splitlines():
         heading = re.match(r"^##\s+(.*)$", line)
@@ -92,7 +93,7 @@ def _config_tables() -> dict[str, dict[str, tuple[str, str]]]:
         assert len(cells) == 4, f"docs/config.md: row needs 4 cells: {line}"
         key, typ, default = (c.strip("`") for c in cells[:3])
         assert key not in tables[section], f"docs/config.md: {section}.{key} twice"
-        tables[section][key] = (typ, default)
+        tables[section][key] = (typ, default, re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", cells[3]))
     return tables
 
 
@@ -146,7 +147,9 @@ def test_config_reference_matches_the_dataclasses():
         for key in rows.keys() - fields.keys():
             problems.append(f"{section}.{key}: documented, but no such key")
         for key in fields.keys() & rows.keys():
-            typ, default = rows[key]
+            typ, default, meaning = rows[key]
+            if not meaning.startswith(fields[key].metadata["help"]):
+                problems.append(f"{section}.{key}: the meaning does not start with its --help line")
             want_type = _type_text(fields[key].type)
             if typ != want_type:
                 problems.append(f"{section}.{key}: type {typ!r}, the dataclass says {want_type!r}")

@@ -98,6 +98,7 @@ def test_train_help_lists_every_config_key_and_named_config():
         block = text.split(f"\n  {section.name}:\n", 1)[1]
         for f in dataclasses.fields(section.default_factory()):
             assert f"\n    {f.name}: " in "\n" + block, f"{section.name}.{f.name}"
+            assert f"\n        {f.metadata['help']}\n" in block, f"{section.name}.{f.name}"
     assert "one of learned, rope" in text  # the pos_embedding values, from POS_EMBEDDINGS
     assert all(name in text for name in config_names()) and "sweep" not in config_names()
 
