@@ -65,3 +65,14 @@ def test_variants_out_default_is_a_fresh_folder(tmp_path, monkeypatch, capsys):
     folder = only_fresh_folder(tmp_path, "variants", capsys.readouterr().err)
     assert list(folder.iterdir()) == []
     assert tree_state(DOCS) == docs_before
+
+
+def test_benchmarks_help_lists_each_benchmark_with_its_summary(capsys):
+    from benchmarks import __main__ as bench_main
+
+    assert bench_main.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "  startup    Wall time of whole CLI commands" in out
+    assert "  comms      What the compiled train step moves" in out
+    assert bench_main.main(["nope"]) == 2
+    assert "no benchmark 'nope'" in capsys.readouterr().err
