@@ -160,7 +160,10 @@ def run(args) -> dict:
         train=dataclasses.replace(cfg.train, batch_size=args.batch_size, seq_len=args.seq_len,
                                   grad_accum=1),
     )  # fmt: skip
-    impl = "cudnn" if backend == "gpu" else "chunked" if args.smoke else None
+    from gpt2_jax.model.attention import cudnn_supported, device_target
+
+    cudnn = cudnn_supported(device_target(), "bfloat16")  # CUDA, compute capability >= 8.0
+    impl = "cudnn" if cudnn else "chunked" if args.smoke else None
     device = jax.devices()[0].device_kind
     print(f"bench accel on {device} ({backend}), {name}, bf16", file=sys.stderr, flush=True)
     report = {"device": device, "backend": backend, "config": name, "smoke": args.smoke}

@@ -325,13 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     import jax
 
+    from gpt2_jax.model.attention import cudnn_supported, device_target, require_cudnn
+
     backend = jax.default_backend()
+    cudnn = ["cudnn"] if cudnn_supported(device_target(), a.dtype) else []
     impls = _impls(a.impls) if a.impls else (
-        ["xla", "chunked", "blocked"] + (["cudnn", "torch"] if backend == "gpu" else [])
+        ["xla", "chunked", "blocked"] + (cudnn + ["torch"] if backend == "gpu" else [])
     )  # fmt: skip
     if "cudnn" in impls:
-        from gpt2_jax.model.attention import require_cudnn
-
         require_cudnn(a.dtype)  # refuse before measuring anything
     isolate = a.isolate == "on" or (a.isolate == "auto" and backend == "gpu")
     grid = [(i, t, w) for w in a.windows for i in impls for t in sorted(a.seq_lens)]

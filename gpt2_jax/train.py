@@ -91,6 +91,18 @@ def config_reference() -> str:
 def validate(cfg: Config) -> None:
     """Refuse settings that cannot train, before anything is built or written."""
     t, m = cfg.train, cfg.model
+    # No loss scaling: float16 gradients underflow (and Adam's g² in float16 parameters), so
+    # training would silently stall. Evaluation and generation may still run in float16.
+    if m.dtype == "float16":
+        raise ConfigError(
+            "model.dtype=float16 trains without loss scaling (small gradients underflow); use "
+            "model.dtype=bfloat16 (or float32)"
+        )
+    if m.param_dtype == "float16":
+        raise ConfigError(
+            "model.param_dtype=float16 cannot hold the optimizer state (Adam's g² underflows); "
+            "use model.param_dtype=float32 (or bfloat16)"
+        )
     if t.batch_size <= 0 or t.grad_accum <= 0 or t.seq_len <= 0 or t.max_steps <= 0:
         raise ConfigError("train.batch_size, grad_accum, seq_len and max_steps must be positive")
     if t.batch_size % t.grad_accum:

@@ -18,7 +18,7 @@ from benchmarks import attention as bench
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import attention
-from gpt2_jax.model.attention import dot_product_attention, resolve_impl, xla_attention
+from gpt2_jax.model.attention import Target, dot_product_attention, resolve_impl, xla_attention
 from gpt2_jax.model.gpt import GPT, cross_entropy
 from gpt2_jax.ops.blocked_attention import blocked_attention, num_offsets, schedule
 from gpt2_jax.ops.chunked_attention import chunked_attention, spans
@@ -136,24 +136,25 @@ def test_schedule_picks_the_cheaper_tiling():
 def test_auto_rule_and_auto_matches_xla():
     t_min, t_long = attention.AUTO_BLOCKED_MIN_T, attention.AUTO_LONG_T
     f32, bf16 = jnp.float32, jnp.bfloat16
-    for backend in ("gpu", "tpu"):
-        rule = functools.partial(resolve_impl, "auto", f32, backend=backend)
+    for target in (Target("cuda", (9, 0)), Target("rocm"), Target("tpu")):
+        rule = functools.partial(resolve_impl, "auto", f32, target=target)
         assert rule(seq_len=t_min - 1, window=None) == "xla"
         assert rule(seq_len=t_min - 1, window=8) == "xla"
         assert rule(seq_len=4096, window=256) == "blocked"
         assert rule(seq_len=t_long, window=None) == "blocked"
     # CPU (measured): chunked while a query sees at most the span limit of keys, then blocked.
     span = attention.AUTO_CHUNKED_MAX_SPAN
-    cpu = functools.partial(resolve_impl, "auto", f32, backend="cpu")
+    cpu = functools.partial(resolve_impl, "auto", f32, target=Target("cpu"))
     assert cpu(seq_len=64, window=None) == cpu(seq_len=span, window=None) == "chunked"
     assert cpu(seq_len=span + 1, window=None) == "blocked"
     assert cpu(seq_len=16384, window=256) == cpu(seq_len=16384, window=span) == "chunked"
     assert cpu(seq_len=4096, window=span + 1) == "blocked"
     assert cpu(seq_len=span, window=span + 1) == "chunked"  # the window is wider than T
-    assert resolve_impl("auto", f32, seq_len=4096, window=4096, backend="gpu") == "xla"
-    assert resolve_impl("auto", f32, seq_len=4096, window=2048, backend="gpu") == "xla"
-    assert resolve_impl("auto", bf16, seq_len=4096, window=None, backend="gpu") == "cudnn"
-    assert resolve_impl("auto", bf16, head_dim=160, backend="gpu") == "xla"
+    h100 = Target("cuda", (9, 0))
+    assert resolve_impl("auto", f32, seq_len=4096, window=4096, target=h100) == "xla"
+    assert resolve_impl("auto", f32, seq_len=4096, window=2048, target=h100) == "xla"
+    assert resolve_impl("auto", bf16, seq_len=4096, window=None, target=h100) == "cudnn"
+    assert resolve_impl("auto", bf16, head_dim=160, target=h100) == "xla"
     assert resolve_impl("auto", bf16) == "chunked"  # no GPU here, so never cudnn
     for impl in ("xla", "chunked", "blocked", "cudnn"):
         assert resolve_impl(impl, jnp.float32) == impl

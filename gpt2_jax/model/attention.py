@@ -11,8 +11,9 @@ Implementations (`model.attention_impl`):
 - `blocked`: `gpt2_jax.ops.blocked_attention`, tiled with an online softmax and a custom VJP
   that recomputes; O(T·w) time and memory with a window, O(T) memory without one.
 - `cudnn`: cuDNN flash attention via `jax.nn.dot_product_attention(implementation="cudnn")`
-  with `local_window_size`; CUDA GPU and bf16/fp16 only, refused elsewhere.
-- `auto`: on a GPU with bf16/fp16 and head dim a multiple of 8 up to 128, `cudnn`. On CPU,
+  with `local_window_size`; CUDA with compute capability >= 8.0 (Ampere or newer) and bf16/fp16
+  only, refused elsewhere (ROCm and TPU have no lowering for it; older NVIDIA cards no kernel).
+- `auto`: `cudnn` where it can run, with head dim a multiple of 8 up to 128. On CPU,
   `chunked` when each query sees at most AUTO_CHUNKED_MAX_SPAN keys (min(T, w)), else
   `blocked`. Measured on a 2-core CPU (BENCHMARKS.md), fwd+bwd: `chunked` is 3-4x
   faster than `xla` at T = 256 to 1024 and within 1.4x of torch SDPA; with w = 256 it is
@@ -29,6 +30,8 @@ always runs on the `xla` path.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -42,6 +45,51 @@ AUTO_BLOCKED_MIN_T = 512
 AUTO_WINDOW_RATIO = 4
 AUTO_LONG_T = 8192
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+CUDNN_MIN_CC = (8, 0)  # cuDNN's fused flash attention: Ampere or newer
+
+
+class Target(NamedTuple):
+    """The device facts the attention choice depends on.
+
+    `platform` is "cpu", "cuda", "rocm", "tpu", ...; `compute_capability` is CUDA's
+    (major, minor), e.g. (9, 0), and None elsewhere.
+    """
+
+    platform: str
+    compute_capability: tuple[int, int] | None = None
+
+
+def device_target(device: jax.Device | None = None) -> Target:
+    """The Target of `device` (default: the first of `jax.devices()`).
+
+    CUDA and ROCm devices both report platform "gpu"; the client's platform version names which.
+    """
+    device = jax.devices()[0] if device is None else device
+    platform = device.platform
+    if platform == "gpu":
+        version = str(getattr(device.client, "platform_version", "")).lower()
+        platform = next((p for p in ("rocm", "cuda") if p in version), platform)
+    if platform != "cuda":
+        return Target(platform)
+    major, _, minor = str(getattr(device, "compute_capability", "")).partition(".")
+    cc = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else None
+    return Target(platform, cc)
+
+
+def _describe(target: Target) -> str:
+    cc = target.compute_capability
+    return target.platform + ("" if cc is None else f" (compute capability {cc[0]}.{cc[1]})")
+
+
+def cudnn_supported(target: Target, dtype: jnp.dtype) -> bool:
+    """Whether cuDNN flash attention runs on `target` with `dtype` inputs."""
+    cc = target.compute_capability
+    return (
+        target.platform == "cuda"
+        and cc is not None
+        and tuple(cc) >= CUDNN_MIN_CC
+        and jnp.dtype(dtype) in _CUDNN_DTYPES
+    )
 
 
 def resolve_impl(
@@ -51,21 +99,21 @@ def resolve_impl(
     seq_len: int | None = None,
     window: int | None = None,
     head_dim: int | None = None,
-    backend: str | None = None,
+    target: Target | None = None,
 ) -> str:
-    """The implementation `auto` picks for this backend, dtype and shape (see module doc).
+    """The implementation `auto` picks for this target, dtype and shape (see module doc).
 
-    `backend` defaults to `jax.default_backend()`.
+    `target` defaults to `device_target()`; pass one to ask what another device would get.
     """
     if impl not in IMPLS:
         raise UserError(f"unknown attention impl {impl!r}; use one of {IMPLS}")
     if impl != "auto":
         return impl
-    backend = jax.default_backend() if backend is None else backend
+    target = device_target() if target is None else Target(*target)
     head_ok = head_dim is None or (head_dim % 8 == 0 and head_dim <= 128)
-    if backend == "gpu" and jnp.dtype(dtype) in _CUDNN_DTYPES and head_ok:
+    if cudnn_supported(target, dtype) and head_ok:
         return "cudnn"
-    if backend == "cpu":
+    if target.platform == "cpu":
         span = seq_len if window is None or seq_len is None else min(seq_len, window)
         return "chunked" if span is None or span <= AUTO_CHUNKED_MAX_SPAN else "blocked"
     if seq_len is None or seq_len < AUTO_BLOCKED_MIN_T:
@@ -98,21 +146,30 @@ def xla_attention(
     )
 
 
-def require_cudnn(dtype: jnp.dtype) -> None:
-    """Raise a UserError unless cuDNN attention can run here: CUDA GPU, bf16/fp16 inputs."""
-    backend, dtype = jax.default_backend(), jnp.dtype(dtype)
-    if backend != "gpu" or dtype not in _CUDNN_DTYPES:
+def require_cudnn(dtype: jnp.dtype, target: Target | None = None) -> None:
+    """Raise a UserError unless cuDNN attention runs on `target` (default: this device).
+
+    It needs CUDA with compute capability >= 8.0 and bfloat16/float16 inputs.
+    """
+    target = device_target() if target is None else Target(*target)
+    if not cudnn_supported(target, dtype):
         raise UserError(
-            f"attention_impl=cudnn needs a CUDA GPU and bfloat16/float16 inputs, got backend "
-            f"{backend} and {dtype.name}; use attention_impl=blocked or xla"
+            f"attention_impl=cudnn needs a CUDA GPU with compute capability >= 8.0 and "
+            f"bfloat16/float16 inputs, got {_describe(target)} and {jnp.dtype(dtype).name}; "
+            f"use attention_impl=blocked or xla"
         )
 
 
 def cudnn_attention(
-    q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, *, window: int | None
+    q_BTNH: jax.Array,
+    k_BTKH: jax.Array,
+    v_BTKH: jax.Array,
+    *,
+    window: int | None,
+    target: Target | None = None,
 ) -> jax.Array:
-    """cuDNN flash attention; refuses (UserError) off a CUDA GPU or outside bf16/fp16."""
-    require_cudnn(q_BTNH.dtype)
+    """cuDNN flash attention; refuses (UserError) where `require_cudnn` does."""
+    require_cudnn(q_BTNH.dtype, target)
     local = None if window is None else (window - 1, 0)
     return jax.nn.dot_product_attention(
         q_BTNH, k_BTKH, v_BTKH, is_causal=True, local_window_size=local, implementation="cudnn"
@@ -128,19 +185,22 @@ def dot_product_attention(
     impl: str = "auto",
     mask_BTS: jax.Array | None = None,
     block: int = DEFAULT_BLOCK,
+    target: Target | None = None,
 ) -> jax.Array:
     """Causal attention over the same positions for q and k (or an explicit mask).
 
-    `block` is the tile size of the `blocked` path and is ignored by the others.
+    `block` is the tile size of the `blocked` path and is ignored by the others. `target` is
+    the device `auto` and `cudnn` decide for (default: `device_target()`).
     """
     B, T, N, H = q_BTNH.shape
     if window is not None and window <= 0:
         raise UserError(f"attention window must be a positive int or None, got {window}")
-    impl = resolve_impl(impl, q_BTNH.dtype, seq_len=T, window=window, head_dim=H)
+    target = device_target() if target is None else Target(*target)
+    impl = resolve_impl(impl, q_BTNH.dtype, seq_len=T, window=window, head_dim=H, target=target)
     if mask_BTS is not None or impl == "xla":
         return xla_attention(q_BTNH, k_BSKH, v_BSKH, window=window, mask_BTS=mask_BTS)
     if impl == "cudnn":
-        return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, window=window)
+        return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, window=window, target=target)
     if impl == "chunked":
         return chunked_attention(q_BTNH, k_BSKH, v_BSKH, window=window)
     return blocked_attention(q_BTNH, k_BSKH, v_BSKH, window=window, block=block)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt2_jax.config import MeshConfig
@@ -76,7 +77,16 @@ def tensor_parallel() -> bool:
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices; one -1 axis takes what is left."""
+    """A (data, fsdp, expert, tensor) mesh over `devices` (default: all); one -1 axis takes
+    what is left.
+
+    Devices are placed by `mesh_utils.create_device_mesh`, which follows the physical topology
+    (on a TPU slice the innermost axes get the best-connected chips, e.g. an 8-chip axis is a
+    ring of neighbours on a v5e 4x2; CPU devices keep their list order). The list order,
+    reshaped, is kept instead for a TPU subset that forms no whole block of chips, and where
+    that placement would split a tensor group across processes (each process loads the batch
+    rows of its own devices).
+    """
     devices = jax.devices() if devices is None else devices
     n = len(devices)
     sizes = {a: getattr(cfg, a) for a in MESH_AXES}
@@ -97,8 +107,20 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
             f"mesh data×fsdp×expert×tensor = {math.prod(sizes.values())} but there are {n} "
             f"devices; set mesh.* so the product is {n} (or one of them to -1)"
         )
-    grid = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):  # no topology for this subset
+        grid = None
+    if grid is None or _splits_tensor_groups(grid):
+        grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
+
+
+def _splits_tensor_groups(grid: np.ndarray) -> bool:
+    """Whether some tensor group (the last axis) holds devices of more than one process."""
+    procs = np.vectorize(lambda d: getattr(d, "process_index", 0), otypes=[int])(grid)
+    return bool((procs != procs[..., :1]).any())
 
 
 def _axis_size(mesh: Mesh, axes) -> int:
