@@ -20,6 +20,7 @@ from gpt2_jax.model import layer_stack
 from gpt2_jax.model.attention import dot_product_attention
 from gpt2_jax.model.moe import STATS, MoE
 from gpt2_jax.model.rope import apply_rope, rope_angles
+from gpt2_jax.ops import mixed_matmul
 from gpt2_jax.ops.chunked_loss import chunked_cross_entropy
 from gpt2_jax.ops.vocab_mask import mask_vocab
 from gpt2_jax.parallel.sharding import constrain, tensor_parallel
@@ -272,10 +273,9 @@ class GPT(nnx.Module):
         if self.cfg.tie_embeddings:
             w_VD = self.table()
             B, T, D = x_BTD.shape  # rows flattened to 2-D, as in `Dense`
-            logits_BTV = jnp.einsum(
-                "nd,vd->nv", x_BTD.reshape(B * T, D).astype(w_VD.dtype), w_VD,
-                preferred_element_type=jnp.float32,
-            ).reshape(B, T, -1)  # fmt: skip
+            # mixed_matmul: autodiff of an fp32-output einsum runs the backward f32 × f32.
+            logits_NV = mixed_matmul.einsum("nd,vd->nv", x_BTD.reshape(B * T, D), w_VD, w_VD.dtype)
+            logits_BTV = logits_NV.reshape(B, T, -1)
         else:
             logits_BTV = self.lm_head(x_BTD).astype(jnp.float32)
         # The padded width stays (its vocab axis divides the mesh); -inf keeps the padded ids

@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from gpt2_jax.config import ModelConfig
+from gpt2_jax.ops import mixed_matmul
 from gpt2_jax.ops.grouped_mlp import grouped_mlp
 from gpt2_jax.parallel import sharding
 
@@ -199,10 +200,11 @@ def _local_experts(x_BTD, idx_BTK, w_BTK, slot_BTK, weights, first, *, impl, cap
 def _dense_experts(x_BTD, weights):
     """Every expert on every token: [B, T, E, D] fp32."""
     dtype = x_BTD.dtype
-    w1, b1, w2, b2 = (a.astype(dtype) for a in weights)
-    h_BTEF = jnp.einsum("btd,edf->btef", x_BTD, w1, preferred_element_type=f32) + b1
+    w1, b1, w2, b2 = weights
+    b1, b2 = b1.astype(dtype), b2.astype(dtype)
+    h_BTEF = mixed_matmul.einsum("btd,edf->btef", x_BTD, w1, dtype) + b1
     a_BTEF = jax.nn.gelu(h_BTEF.astype(dtype), approximate=True)
-    return jnp.einsum("btef,efd->bted", a_BTEF, w2, preferred_element_type=f32) + b2
+    return mixed_matmul.einsum("btef,efd->bted", a_BTEF, w2, dtype) + b2
 
 
 def _sorted_experts(x_BTD, e_BTK, weights, impl):
@@ -254,16 +256,20 @@ def _block_size(rows: int, experts: int) -> int:
 
 
 def _ragged_mlp(x_AD, sizes_E, weights):
-    """The grouped MLP by `jax.lax.ragged_dot`; rows past Σ sizes (other devices') get zeros."""
+    """The grouped MLP by `jax.lax.ragged_dot`; rows past Σ sizes (other devices') get zeros.
+
+    On GPU, XLA lowers `ragged_dot` to one dense dot over an expert-masked copy of the rows:
+    every expert on every row (docs/moe.md)."""
     dtype = x_AD.dtype
-    w1, b1, w2, b2 = (a.astype(dtype) for a in weights)
+    w1, b1, w2, b2 = weights
+    b1, b2 = b1.astype(dtype), b2.astype(dtype)
     E_loc = w1.shape[0]
     owner_A = jnp.searchsorted(jnp.cumsum(sizes_E), jnp.arange(x_AD.shape[0]), side="right")
     mine_A1 = (owner_A < E_loc)[:, None]
     owner_A = jnp.minimum(owner_A, E_loc - 1)
-    h_AF = jax.lax.ragged_dot(x_AD, w1, sizes_E, preferred_element_type=f32) + b1[owner_A]
+    h_AF = mixed_matmul.ragged_dot(x_AD, w1, sizes_E, dtype) + b1[owner_A]
     a_AF = jax.nn.gelu(h_AF.astype(dtype), approximate=True)
-    y_AD = jax.lax.ragged_dot(a_AF, w2, sizes_E, preferred_element_type=f32) + b2[owner_A]
+    y_AD = mixed_matmul.ragged_dot(a_AF, w2, sizes_E, dtype) + b2[owner_A]
     return jnp.where(mine_A1, y_AD, 0.0)
 
 
@@ -280,9 +286,10 @@ def _capacity_experts(x_BTD, e_BTK, slot_BTK, keep_BTK, weights, capacity):
     token_BEC = token_BEC.at[b_BTK, e_idx, slot_BTK].set(t_BTK, mode="drop")
     x_BTD = jnp.pad(x_BTD, ((0, 0), (0, 1), (0, 0)))
     x_BECD = jnp.take_along_axis(x_BTD[:, None], token_BEC[..., None], axis=2)
-    w1, b1, w2, b2 = (a.astype(dtype) for a in weights)
-    h_BECF = jnp.einsum("becd,edf->becf", x_BECD, w1, preferred_element_type=f32)
+    w1, b1, w2, b2 = weights
+    b1, b2 = b1.astype(dtype), b2.astype(dtype)
+    h_BECF = mixed_matmul.einsum("becd,edf->becf", x_BECD, w1, dtype)
     a_BECF = jax.nn.gelu((h_BECF + b1[:, None]).astype(dtype), approximate=True)
-    y_BECD = jnp.einsum("becf,efd->becd", a_BECF, w2, preferred_element_type=f32) + b2[:, None]
+    y_BECD = mixed_matmul.einsum("becf,efd->becd", a_BECF, w2, dtype) + b2[:, None]
     e_safe = jnp.clip(e_BTK, 0, E_loc - 1)
     return y_BECD[b_BTK, e_safe, jnp.maximum(slot_BTK, 0)]

@@ -1,9 +1,10 @@
 """The experts' GPT-2 MLPs over rows sorted by expert, in blocks: compute O(rows), not O(rows·E).
 
-`jax.lax.ragged_dot` is a grouped matmul on GPU/TPU, but XLA:CPU computes it as every group
-on every row (E times the work; see BENCHMARKS.md). Here a `lax.scan` over the experts takes
-one expert's weights at a time, and an inner loop with a data-dependent trip count walks that
-expert's rows `block` at a time: ceil(n_e / block) matmuls of [block, D] × [D, F] per expert.
+XLA computes `jax.lax.ragged_dot` as every group on every row, on CPU (E times the work; see
+BENCHMARKS.md) and on CUDA GPUs (one dense dot over group-masked rows; docs/moe.md). Here a
+`lax.scan` over the experts takes one expert's weights at a time, and an inner loop with a
+data-dependent trip count walks that expert's rows `block` at a time: ceil(n_e / block)
+matmuls of [block, D] × [D, F] per expert.
 A block that runs past the expert's last row computes on the next expert's rows, and the next
 expert overwrites them, so rows need no padding between experts, only `block` spare rows at
 the end.

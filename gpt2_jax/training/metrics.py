@@ -23,10 +23,17 @@ import numpy as np
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import notice
 
-# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
+# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity: half the datasheets'
+# "with sparsity" ones), matched as substrings of `device_kind` in this order: a name that
+# contains another (H100 PCIe / H100, GB200 / B200) must come first.
 PEAK_FLOPS = {
+    "H200 NVL": 835e12,  # NVIDIA H200 datasheet (NVL: PCIe card)
     "H200": 989e12,
+    "H100 PCIe": 756e12,  # NVIDIA H100 datasheet; "NVIDIA H100 80GB HBM3" is the SXM part
+    "H100 NVL": 835e12,
     "H100": 989e12,
+    "GB200": 2.5e15,  # NVIDIA GB200 NVL72 datasheet, per GPU
+    "B200": 2.25e15,  # NVIDIA HGX B200 datasheet, per GPU
     "A100": 312e12,
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
@@ -35,6 +42,7 @@ PEAK_FLOPS = {
     "TPU v5": 459e12,
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
+    "TPU7x": 2307e12,  # Ironwood (Google Cloud TPU docs); JAX's device_kind is "TPU7x"
 }
 
 
