@@ -65,7 +65,6 @@ def jsonl_scalars(out: Path) -> dict[str, dict[int, float]]:
 
 
 def test_event_files_match_metrics_jsonl_after_crash_and_resume(tmp_path, prepared_shakespeare):
-    pytest.importorskip("tensorboardX")
     from tensorboardX.proto.event_pb2 import SessionLog
 
     out = tmp_path / "run"
@@ -97,7 +96,6 @@ def test_event_files_match_metrics_jsonl_after_crash_and_resume(tmp_path, prepar
 
 def test_flush_leaves_no_event_behind(tmp_path):
     """What a crash right after a checkpoint's flush leaves: every event logged before it."""
-    pytest.importorskip("tensorboardX")
     tb = TensorBoard(tmp_path / "tb", enabled=True)
     for step in range(1, 11):
         tb.log({"step": step, "loss": 1 / step, "event": "not a scalar"})
