@@ -68,7 +68,7 @@ def test_public_names():
     for m in (decode_pkg, evaluate_cli, generate_cli, train_cli):
         assert isinstance(m, types.ModuleType)
     with pytest.raises(AttributeError, match="no_such_name"):
-        gpt2_jax.no_such_name  # noqa: B018
+        _ = gpt2_jax.no_such_name
 
 
 def test_version(monkeypatch):

@@ -110,7 +110,8 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    except (ValueError, NotImplementedError, AssertionError):  # no topology for this subset
+    # jax raises any of these (AssertionError too) for a device set that is no physical block
+    except (ValueError, NotImplementedError, AssertionError):
         grid = None
     if grid is None or _splits_tensor_groups(grid):
         grid = np.asarray(devices).reshape(shape)
