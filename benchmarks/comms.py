@@ -9,15 +9,25 @@ devices. Collectives are read from the optimised HLO (gpt2_jax.parallel.hlo_coll
 per step, loops included. Without --config the shape is GPT-2 small's width with 2 layers,
 T 1024, global batch 64, grad_accum 2, bf16.
 
-The ideal, per device and step, is what this design must move and nothing else:
-- weights all-gathered over fsdp once per step (fp32, the stored dtype);
-- gradients reduced once per step, a reduce-scatter over fsdp for parameters fsdp splits
-  then an all-reduce over data of the shard, an all-reduce over data × fsdp for the rest;
-  with dropout the gradients are reduced every micro-batch (see Trainer.accumulate);
+The ideal, per device and step, is what this design must move and nothing else (A micro-
+batches, mesh data d × fsdp f × tensor t, r rows per device per micro-batch):
+- where fsdp splits parameters (Trainer.accumulate), per micro-batch: each fsdp-split weight
+  all-gathered over fsdp in the forward and again in the backward (fp32, the stored dtype;
+  XLA may keep the forward's gather for the backward and move less), and its gradient
+  reduce-scattered over fsdp, then all-reduced over data as a shard; the other gradients
+  all-reduced over data × fsdp; the vocabulary-split embedding / head (fsdp splits them by
+  vocabulary: gpt2_jax.ops.vocab_lookup, chunked_loss) moves activations instead of its
+  weight: the lookup's output reduce-scattered and its gradient gathered, the head's input
+  gathered and its gradient (fp32) reduce-scattered, each (f - 1) r T D; a table stored split
+  along features (a vocabulary fsdp does not divide) is moved to vocabulary rows and its
+  gradient back, an all-to-all of its shard each way;
+- where no parameter is split over a batch axis (a pure data axis), gradients reduced once
+  per step, an all-reduce over data; with dropout or MoE every micro-batch;
 - with tensor parallelism, the Megatron activation all-reduces of each micro-batch: two per
-  layer forward and two backward, plus the embedding lookup and the head's input gradient
-  when the vocabulary is split, each of [micro-batch rows per device, T, D] in the compute
-  dtype. XLA:CPU widens bf16 matmuls to fp32, so on CPU those move twice the ideal's bytes.
+  layer forward and two backward, plus the embedding lookup and the head's input gradient,
+  each of [r, T, D] in the compute dtype (XLA:CPU widens bf16 matmuls to fp32, so on CPU
+  those move twice the ideal's bytes); a vocabulary stored whole but split for the head has
+  its gradient all-gathered over tensor once per step.
 """
 
 from __future__ import annotations
@@ -119,25 +129,38 @@ def ideal_bytes(trainer) -> dict[str, float]:
 
     mesh, cfg, mcfg = trainer.mesh, trainer.cfg, trainer.model_cfg
     d, f, t = (mesh.shape[a] for a in ("data", "fsdp", "tensor"))
-    per_step = {"weights": 0.0, "gradients": 0.0}
-    leaves = jax.tree.leaves(trainer.param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    A = cfg.grad_accum
+    # gradients are reduced each micro-batch unless each batch shard accumulates its own
+    reductions = 1 if trainer.replicas > 1 else A
+    parts = {"weights": 0.0, "gradients": 0.0, "vocabulary": 0.0, "activations": 0.0}
+    specs = jax.tree.leaves(trainer.param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     params = jax.tree.leaves(jax.eval_shape(trainer.init_state).params)
-    for p, spec in zip(params, leaves, strict=True):
-        nbytes = math.prod(p.shape) * p.dtype.itemsize / (t if "tensor" in tuple(spec) else 1)
-        if "fsdp" in tuple(spec):
-            per_step["weights"] += (f - 1) / f * nbytes
-            per_step["gradients"] += (f - 1) / f * nbytes + _ring(d) * nbytes / f
+    compute = jax.numpy.dtype(mcfg.compute_dtype).itemsize
+    for p, spec in zip(params, specs, strict=True):
+        axes = {a for e in spec if e for a in ((e,) if isinstance(e, str) else e)}
+        nbytes = math.prod(p.shape) * p.dtype.itemsize
+        split = math.prod(mesh.shape[a] for a in axes)
+        if "fsdp" in axes and p.shape[0] != mcfg.padded_vocab and p.shape[-1] != mcfg.padded_vocab:
+            parts["weights"] += 2 * A * (f - 1) / f * nbytes / (split / f)
+            parts["gradients"] += A * ((f - 1) / f + _ring(d) / f) * nbytes / (split / f)
         else:
-            per_step["gradients"] += _ring(d * f) * nbytes
-    if trainer.replicas == 1:  # with dropout: reduced every micro-batch
-        per_step["gradients"] *= cfg.grad_accum
-    rows = cfg.batch_size // (cfg.grad_accum * d * f)
-    act = rows * cfg.seq_len * mcfg.n_embd * jax.numpy.dtype(mcfg.compute_dtype).itemsize
-    vocab_split = "tensor" in tuple(trainer.param_specs["wte"]["embedding"].value)
-    per_micro = (4 * mcfg.n_layer + (2 if vocab_split else 0)) * _ring(t) * act if t > 1 else 0.0
-    per_step["activations"] = per_micro * cfg.grad_accum
-    per_step["total"] = sum(per_step.values())
-    return per_step
+            shared = f if "fsdp" not in axes else 1  # replicated over fsdp: reduced there too
+            parts["gradients"] += reductions * _ring(d * shared) * nbytes / split
+    rows = cfg.batch_size // (A * d * f)
+    act = rows * cfg.seq_len * mcfg.n_embd
+    if f > 1 and trainer.replicas == 1:
+        parts["vocabulary"] += A * (f - 1) * act * (3 * compute + 4)
+        wte = trainer.param_specs["wte"]["embedding"].value
+        if wte[0] is None:  # stored along features: relaid to vocabulary rows and back
+            table = mcfg.padded_vocab * mcfg.n_embd * compute / f
+            parts["vocabulary"] += 2 * A * (f - 1) / f * table
+    if t > 1:
+        parts["activations"] = A * (4 * mcfg.n_layer + 2) * _ring(t) * act * compute
+        wte = trainer.param_specs["wte"]["embedding"].value
+        if wte[0] is None:  # stored whole, split for the head: its gradient gathered
+            parts["vocabulary"] += (t - 1) / t * mcfg.padded_vocab * mcfg.n_embd * 4
+    parts["total"] = sum(parts.values())
+    return parts
 
 
 def report(cfg, sizes: tuple[int, int, int], hlo_dir: str | None = None) -> dict:
@@ -166,6 +189,11 @@ def report(cfg, sizes: tuple[int, int, int], hlo_dir: str | None = None) -> dict
             "kind": largest.kind, "elements": largest.elements, "op": largest.name,
         },
         "largest_parameter_elements": max(math.prod(p.shape) for p in params),
+        "parameter_bytes": sum(math.prod(p.shape) * p.dtype.itemsize for p in params),
+        "largest_all_reduce_array": max(
+            (math.prod(shape) for c in ops if c.kind == "all-reduce" for _, shape in c.arrays),
+            default=0,
+        ),
         "ideal_bytes_per_device": ideal,
         "ratio_to_ideal": total / ideal["total"] if ideal["total"] else None,
         "temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,

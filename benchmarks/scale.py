@@ -12,9 +12,10 @@ and batch), outputs, the donated part of both (aliased), temporaries, and peak =
 outputs − aliased + temporaries. `--mesh` shards the step as training would (on CPU the
 benchmark asks XLA for that many host devices when JAX is not yet started).
 
-On XLA:CPU `jax.checkpoint` changes neither the compiled temporaries nor the real peak, so
-these figures say nothing about remat savings; the chunked loss removes buffers from the graph
-itself, so its saving shows here too.
+On XLA:CPU `jax.checkpoint` in an unrolled graph changes neither the compiled temporaries nor
+the real peak (XLA:CPU undoes the remat), so the unrolled figures say nothing about remat
+savings; inside the scan of scanned layers it holds. The chunked loss removes buffers from the
+graph itself, so its saving shows here too.
 """
 
 from __future__ import annotations

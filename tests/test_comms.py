@@ -75,14 +75,20 @@ def comms_report():
 @pytest.mark.parametrize("mesh", MESHES)
 def test_no_collective_moves_more_than_the_largest_parameter(comms_report, mesh):
     r = comms_report[mesh]
-    assert r["largest_collective"]["elements"] <= r["largest_parameter_elements"], r
+    # 1%: a vocabulary the mesh does not divide is padded to split it (GPT.table)
+    assert r["largest_collective"]["elements"] <= 1.01 * r["largest_parameter_elements"], r
     assert r["total_bytes_per_device"] <= RATIO_LIMIT * r["ideal_bytes_per_device"]["total"], r
 
 
 @pytest.mark.parametrize("mesh", ["fsdp8", "dp2_fsdp4"])
-def test_fsdp_gathers_weights_and_reduces_gradients_once_per_step(comms_report, mesh):
-    # grad_accum is 2: a collective inside the micro-batch loop would run twice per step.
-    kinds = comms_report[mesh]["by_kind"]
-    for kind in ("all-gather", "reduce-scatter"):
-        assert kinds[kind]["executions"] == kinds[kind]["ops"], (kind, kinds)
-    assert comms_report[mesh]["ratio_to_ideal"] <= 1.05
+def test_fsdp_reduce_scatters_gradients_onto_shards(comms_report, mesh):
+    # Gradients are reduced where the backward makes them: reduce-scatters over fsdp, and over
+    # data only all-reduces of shards. A whole-gradient all-reduce (the SPMD partitioner's
+    # all-reduce and slice, or a sum over data before the scatter) is over a shard's size.
+    r = comms_report[mesh]
+    fsdp = r["mesh"]["fsdp"]
+    kinds = r["by_kind"]
+    assert kinds["reduce-scatter"]["ops"] > 0, kinds
+    shard = 1.01 * r["largest_parameter_elements"] / fsdp  # 1%: the vocabulary's padding
+    assert r["largest_all_reduce_array"] <= shard, (r["largest_all_reduce_array"], shard)
+    assert r["ratio_to_ideal"] <= 1.05

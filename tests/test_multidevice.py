@@ -235,11 +235,12 @@ def test_moe_on_expert_meshes_trains_like_one_device(children):
 
 
 # (mesh axes splitting each dimension, one device's shard shape) per parameter, from the rules:
-# fsdp splits "embed"; tensor splits "vocab", "qkv", "heads" and "mlp"; norms are replicated.
+# fsdp splits "embed", except in the embedding and head, which fsdp and tensor split by
+# vocabulary row; tensor splits "vocab", "qkv", "heads" and "mlp"; norms are replicated.
 # n_embd 32, 4 heads of 8, vocab 128, MLP 128.
 LAYOUT = {
     ("learned_mha", "fsdp8"): {
-        "wte/embedding": ([[], ["fsdp"]], [128, 4]),
+        "wte/embedding": ([["fsdp"], []], [16, 32]),  # vocabulary rows
         "wpe/embedding": ([[], ["fsdp"]], [16, 4]),
         "h/0/attn/c_attn/kernel": ([["fsdp"], []], [4, 96]),
         "h/0/attn/c_proj/kernel": ([[], ["fsdp"]], [32, 4]),
@@ -260,7 +261,7 @@ LAYOUT = {
         "h/0/ln_2/bias": ([[]], [32]),
     },
     ("rope_gqa_window", "fsdp8"): {
-        "lm_head/kernel": ([["fsdp"], []], [4, 128]),
+        "lm_head/kernel": ([[], ["fsdp"]], [32, 16]),  # vocabulary columns
         "h/0/attn/c_attn/kernel": ([["fsdp"], []], [4, 64]),
     },
     ("rope_gqa_window", "dp4_tp2"): {

@@ -20,9 +20,10 @@ from gpt2_jax.model import layer_stack
 from gpt2_jax.model.attention import dot_product_attention
 from gpt2_jax.model.moe import STATS, MoE
 from gpt2_jax.model.rope import apply_rope, rope_angles
-from gpt2_jax.ops import mixed_matmul
+from gpt2_jax.ops import fsdp_matmul, mixed_matmul, vocab_lookup
 from gpt2_jax.ops.chunked_loss import chunked_cross_entropy
 from gpt2_jax.ops.vocab_mask import mask_vocab
+from gpt2_jax.parallel import sharding
 from gpt2_jax.parallel.sharding import constrain, tensor_parallel
 
 REMAT_POLICIES = ("none", "block", "dots")
@@ -54,7 +55,16 @@ class Dense(nnx.Linear):
 
     def __call__(self, x_XD: jax.Array) -> jax.Array:
         lead = x_XD.shape[:-1]
-        return super().__call__(x_XD.reshape(-1, x_XD.shape[-1])).reshape(*lead, -1)
+        x_ND = x_XD.reshape(-1, x_XD.shape[-1])
+        if not sharding.active():
+            return super().__call__(x_ND).reshape(*lead, -1)
+        # Under a mesh: an fsdp-split kernel's gradient is reduce-scattered where it is made.
+        kernel = self.kernel[...]
+        axes = self.kernel.get_metadata().get("logical_axes", (None,) * 2)[-2:]  # no layer axis
+        y_NF = fsdp_matmul.matmul(x_ND, kernel, axes, self.dtype)
+        if self.bias is not None:
+            y_NF = y_NF + self.bias[...].astype(self.dtype)
+        return y_NF.reshape(*lead, -1)
 
 
 def _dense(cfg: ModelConfig, d_in: int, d_out: int, std: float, axes, *, rngs, bias=None):
@@ -239,20 +249,36 @@ class GPT(nnx.Module):
             )
 
     def table(self) -> jax.Array:
-        """The token embedding table in the compute dtype, whole along features under a mesh.
+        """The token embedding table [V, D] in the compute dtype (`_split_vocab`)."""
+        return self._split_vocab(self.wte.embedding[...], 0)
 
-        Gathering it over fsdp once serves the lookup and the tied head: looking up a table
-        split along features would move every row of the batch between devices instead.
+    def _split_vocab(self, w: jax.Array, axis: int) -> jax.Array:
+        """`w` in the compute dtype; under a mesh split by vocabulary (dimension `axis`) over
+        tensor and fsdp and whole along features, its vocabulary padded with zeros to a
+        multiple of the splitting devices (past vocab_size: masked like vocab_pad_multiple's).
+
+        The lookup (`ops.vocab_lookup`) and the head then compute each device's share of the
+        gradient whole on that device; a table split along features would be gathered whole
+        and its gradient would be a whole-table partial sum on every device.
         """
-        table_VD = constrain(self.wte.embedding[...], "vocab", None)
-        return table_VD.astype(jnp.dtype(self.cfg.compute_dtype))
+        w = w.astype(jnp.dtype(self.cfg.compute_dtype))
+        pad = -w.shape[axis] % sharding.split_count("vocab")
+        if pad:
+            w = jnp.pad(w, [(0, pad if i == axis else 0) for i in range(w.ndim)])
+        names = [None] * w.ndim
+        names[axis] = "vocab"
+        return constrain(w, *names)
 
-    def embed(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, object]:
-        """Token (+ learned position) embeddings and the RoPE (cos, sin) or None."""
-        x_BTD = jnp.take(self.table(), tokens_BT, axis=0)
+    def embed(
+        self, tokens_BT: jax.Array, positions_BT: jax.Array, table_VD: jax.Array | None = None
+    ) -> tuple[jax.Array, object]:
+        """Token (+ learned position) embeddings and the RoPE (cos, sin) or None; `table_VD`
+        is `table()` where the caller has it already."""
+        table_VD = self.table() if table_VD is None else table_VD
+        x_BTD = vocab_lookup.lookup(table_VD, tokens_BT)
         rope_cs = None
         if self.cfg.pos_embedding == "learned":
-            wpe_TD = constrain(self.wpe.embedding[...], None, None)  # gathered, as `table`
+            wpe_TD = constrain(self.wpe.embedding[...], None, None)  # gathered over fsdp
             x_BTD = x_BTD + jnp.take(wpe_TD.astype(x_BTD.dtype), positions_BT, axis=0)
         else:
             rope_cs = rope_angles(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
@@ -260,27 +286,23 @@ class GPT(nnx.Module):
 
     def head(self) -> tuple[jax.Array, str]:
         """The LM head weight in the compute dtype and its layout: the tied table [V, D]
-        ("VD") or the untied kernel [D, V] ("DV"), whole along features under a mesh."""
+        ("VD") or the untied kernel [D, V] ("DV"), as `_split_vocab` lays it out."""
         if self.cfg.tie_embeddings:
             return self.table(), "VD"
-        kernel_DV = constrain(self.lm_head.kernel[...], None, "vocab")
-        return kernel_DV.astype(jnp.dtype(self.cfg.compute_dtype)), "DV"
+        return self._split_vocab(self.lm_head.kernel[...], 1), "DV"
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
-        """Final LayerNorm and LM head; fp32 logits over the padded vocab, with the padded
-        columns (ids >= vocab_size) at -inf."""
+        """Final LayerNorm and LM head; fp32 logits over the padded vocab (under a training
+        mesh, padded on to `_split_vocab`'s width), the columns past vocab_size at -inf."""
         x_BTD = self.ln_f(x_BTD)
-        if self.cfg.tie_embeddings:
-            w_VD = self.table()
-            B, T, D = x_BTD.shape  # rows flattened to 2-D, as in `Dense`
-            # mixed_matmul: autodiff of an fp32-output einsum runs the backward f32 × f32.
-            logits_NV = mixed_matmul.einsum("nd,vd->nv", x_BTD.reshape(B * T, D), w_VD, w_VD.dtype)
-            logits_BTV = logits_NV.reshape(B, T, -1)
-        else:
-            logits_BTV = self.lm_head(x_BTD).astype(jnp.float32)
+        w, layout = self.head()
+        B, T, D = x_BTD.shape  # rows flattened to 2-D, as in `Dense`
+        # mixed_matmul: autodiff of an fp32-output einsum runs the backward f32 × f32.
+        equation = "nd,vd->nv" if layout == "VD" else "nd,dv->nv"
+        logits_NV = mixed_matmul.einsum(equation, x_BTD.reshape(B * T, D), w, w.dtype)
         # The padded width stays (its vocab axis divides the mesh); -inf keeps the padded ids
         # out of the loss, argmax and sampling. A no-op, no graph change, when unpadded.
-        return mask_vocab(logits_BTV, self.cfg.vocab_size)
+        return mask_vocab(logits_NV.reshape(B, T, -1), self.cfg.vocab_size)
 
     def loss(
         self, tokens_BT: jax.Array, targets_BT: jax.Array, *, impl: str = "full", chunk: int = 128
@@ -296,11 +318,19 @@ class GPT(nnx.Module):
         a dense model)."""
         if impl not in LOSS_IMPLS:
             raise ConfigError(f"unknown train.loss_impl={impl!r}; use one of {LOSS_IMPLS}")
-        x_BTD, stats = self.hidden_and_stats(tokens_BT)
+        # One table for the lookup and the tied head: under a mesh its layout is then changed
+        # once, and so is its summed gradient (`_split_vocab`).
+        table_VD = self.table() if self.cfg.tie_embeddings else None
+        x_BTD, stats = self.hidden_and_stats(tokens_BT, table_VD=table_VD)
         if impl == "full":
-            return cross_entropy(self.logits(x_BTD), targets_BT), stats
+            if sharding.split_count("vocab") == 1:
+                return cross_entropy(self.logits(x_BTD), targets_BT), stats
+            # Under a mesh splitting the vocabulary: the fused head over one chunk of the
+            # whole sequence (the same [B, T, V] logits), whose split the SPMD partitioner
+            # would not find (it gathers the table and all-reduces its gradient).
+            chunk = x_BTD.shape[1]
         x_BTD = self.ln_f(x_BTD)
-        w, layout = self.head()
+        w, layout = self.head() if table_VD is None else (table_VD, "VD")
         loss = chunked_cross_entropy(
             x_BTD.astype(w.dtype), w, targets_BT,
             n_valid=self.cfg.vocab_size, chunk=chunk, layout=layout,
@@ -312,14 +342,18 @@ class GPT(nnx.Module):
         return self.hidden_and_stats(tokens_BT, positions_BT)[0]
 
     def hidden_and_stats(
-        self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
+        table_VD: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """`hidden` and the MoE stats averaged over the MoE layers ({} for a dense model)."""
+        """`hidden` and the MoE stats averaged over the MoE layers ({} for a dense model);
+        `table_VD` as in `embed`."""
         check_tokens(tokens_BT, self.cfg)
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x_BTD, rope_cs = self.embed(tokens_BT, positions_BT)
+        x_BTD, rope_cs = self.embed(tokens_BT, positions_BT, table_VD)
         x_BTD = constrain(x_BTD, *RESIDUAL)
         run_block = _remat_block(self.remat)
         if self.cfg.scan_layers:
@@ -340,7 +374,8 @@ class GPT(nnx.Module):
         return list(self.h)
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
-        return constrain(self.logits(self.hidden(tokens_BT, positions_BT)), "batch", None, "vocab")
+        logits_BTV = self.logits(self.hidden(tokens_BT, positions_BT))[..., : self.cfg.padded_vocab]
+        return constrain(logits_BTV, "batch", None, "vocab")
 
 
 def with_layout(model: GPT, scan_layers: bool) -> GPT:

@@ -7,18 +7,28 @@ chunk's gradient of `x` and its share of the head weights' gradient (softmax min
 the backward pass only scales those two by the incoming cotangent. The head matmul is done
 three times per chunk (logits, dx, dw), as in the unfused path, never a fourth.
 
+Under a step's mesh whose vocabulary axes (tensor, fsdp) split the head weight by vocabulary,
+the walk runs inside a `shard_map`: each device gathers a chunk's rows over the axes that split
+both the rows and the vocabulary (fsdp), computes the logits of its own vocabulary slice, and
+takes the log-sum-exp and the target logit with collectives over the vocabulary axes. Its dw
+is then its own slice of the head's gradient, whole (summed once over the remaining batch
+axes), and dx is reduce-scattered back to its own rows: no device holds a whole-vocabulary
+gradient or logits of the whole vocabulary.
+
 Shape suffixes as in `gpt2_jax.model.gpt`; C is the chunk length, N = B·C rows of one chunk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from gpt2_jax.ops.vocab_mask import mask_vocab
-from gpt2_jax.parallel.sharding import constrain
+from gpt2_jax.parallel import sharding
 
 SCOPE = "lm_head_loss"
 # The head weight's orientation: the tied embedding table is [V, D], an untied kernel [D, V].
@@ -72,15 +82,104 @@ def _walk(n_valid, chunk, layout, x_BTD, w, targets_BT, *, grads: bool):
     are the gradients of the mean loss (None without `grads`)."""
     # The scope names these ops in the HLO, for `bench profile`.
     with jax.named_scope(SCOPE):
-        return _walk_chunks(n_valid, chunk, layout, x_BTD, w, targets_BT, grads=grads)
+        split = _Split.of(x_BTD.shape[0], w, layout)
+        if split is None:
+            loss_BT, dx_BTD, dw = _walk_chunks(
+                n_valid, chunk, layout, x_BTD, w, targets_BT, grads=grads
+            )
+            return jnp.mean(loss_BT), dx_BTD, dw
+        return split.run(n_valid, chunk, layout, x_BTD, w, targets_BT, grads=grads)
 
 
-def _walk_chunks(n_valid, chunk, layout, x_BTD, w, targets_BT, *, grads: bool):
+def _names(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """The mesh axes of a walk inside a `shard_map`: `vocab` split the head's vocabulary,
+    `rows` the batch; rows are gathered over the axes in both (`shared`)."""
+
+    mesh: object = None
+    vocab: tuple[str, ...] = ()
+    rows: tuple[str, ...] = ()
+
+    @staticmethod
+    def of(batch: int, w, layout: str) -> _Split | None:
+        """The split of the active mesh, or None outside one or where it splits no vocab."""
+        active = sharding.active()
+        if active is None:
+            return None
+        mesh, rules = active
+        names = ("vocab", None) if layout == "VD" else (None, "vocab")
+        vocab = _names(sharding.logical_spec(names, w.shape, mesh, rules)[names.index("vocab")])
+        rows = _names(sharding.logical_spec(("batch",), (batch,), mesh, rules)[0])
+        return _Split(mesh, vocab, rows) if vocab else None
+
+    @property
+    def shared(self) -> tuple[str, ...]:
+        return tuple(a for a in self.vocab if a in self.rows)
+
+    def offset(self, v: int):
+        """The first vocabulary id of this device's slice of width v."""
+        return jax.lax.axis_index(self.vocab) * v if self.vocab else 0
+
+    def gather_rows(self, a):
+        return jax.lax.all_gather(a, self.shared, axis=0, tiled=True) if self.shared else a
+
+    def own_rows(self, a, n: int):
+        """This device's n rows of gathered rows `a`."""
+        if not self.shared:
+            return a
+        return jax.lax.dynamic_slice_in_dim(a, jax.lax.axis_index(self.shared) * n, n)
+
+    def scatter_rows(self, partial):
+        """Sum partial row gradients over the vocabulary axes, keeping this device's rows."""
+        only_vocab = tuple(a for a in self.vocab if a not in self.shared)
+        if only_vocab:
+            partial = jax.lax.psum(partial, only_vocab)
+        if self.shared:
+            partial = jax.lax.psum_scatter(partial, self.shared, scatter_dimension=0, tiled=True)
+        return partial
+
+    def vmax(self, a):
+        return jax.lax.pmax(a, self.vocab) if self.vocab else a
+
+    def vsum(self, a):
+        return jax.lax.psum(a, self.vocab) if self.vocab else a
+
+    def run(self, n_valid, chunk, layout, x_BTD, w, targets_BT, *, grads: bool):
+        """`_walk_chunks` inside a `shard_map` over this split (see the module docstring)."""
+        B, T, _ = x_BTD.shape
+        rows = PartitionSpec(self.rows or None)
+        w_spec = PartitionSpec(*((self.vocab, None) if layout == "VD" else (None, self.vocab)))
+        not_vocab = tuple(a for a in self.rows if a not in self.vocab)
+
+        def local(x_bTD, w_local, t_bT):
+            loss_bT, dx_bTD, dw = _walk_chunks(
+                n_valid, chunk, layout, x_bTD, w_local, t_bT, grads=grads, split=self, n=B * T
+            )
+            loss = jnp.sum(loss_bT)
+            loss = (jax.lax.psum(loss, self.rows) if self.rows else loss) / (B * T)
+            if grads and not_vocab:
+                dw = jax.lax.psum(dw, not_vocab)  # once per call: not per chunk
+            return loss, dx_bTD, dw
+
+        out = (PartitionSpec(), rows, w_spec if grads else None)
+        return jax.shard_map(
+            local, mesh=self.mesh, in_specs=(rows, w_spec, rows), out_specs=out, check_vma=False
+        )(x_BTD, w, targets_BT)
+
+
+def _walk_chunks(n_valid, chunk, layout, x_BTD, w, targets_BT, *, grads, split=None, n=None):
+    """(per-token losses [B, T], dx, dw) of this device's rows; n = tokens of the mean (all
+    devices'), `split` the walk's mesh axes inside a shard_map (None: one device's view)."""
     B, T, D = x_BTD.shape
     C = min(chunk, T)
     n_full, rest = divmod(T, C)
-    scale = 1.0 / (B * T)
-    one = functools.partial(_chunk, n_valid, layout, w, scale=scale, grads=grads)
+    scale = 1.0 / (n or B * T)
+    split = split or _Split()
+    one = functools.partial(_chunk, n_valid, layout, w, scale=scale, grads=grads, split=split)
 
     def step(start, length, carry):
         x_BCD = jax.lax.dynamic_slice_in_dim(x_BTD, start, length, axis=1)
@@ -94,8 +193,11 @@ def _walk_chunks(n_valid, chunk, layout, x_BTD, w, targets_BT, *, grads: bool):
         return loss_BT, dx_BTD, dw
 
     # Per-token losses, averaged at the end as `cross_entropy` does: the same sum order.
-    loss_BT = constrain(jnp.zeros((B, T), jnp.float32), "batch", None)
-    dx_BTD = constrain(jnp.zeros_like(x_BTD), "batch", None, None) if grads else None
+    loss_BT = jnp.zeros((B, T), jnp.float32)
+    dx_BTD = jnp.zeros_like(x_BTD) if grads else None
+    if not split.vocab:  # (inside a shard_map there is nothing to pin)
+        loss_BT = sharding.constrain(loss_BT, "batch", None)
+        dx_BTD = sharding.constrain(dx_BTD, "batch", None, None) if grads else None
     # The first chunk starts dw, outside the loop: a zero-filled [V, D] table to add it to
     # was one more pass over the table (30 ms per step at d 768 on CPU).
     carry = step(0, C, (loss_BT, dx_BTD, None))
@@ -103,31 +205,40 @@ def _walk_chunks(n_valid, chunk, layout, x_BTD, w, targets_BT, *, grads: bool):
     if rest:
         carry = step(n_full * C, rest, carry)
     loss_BT, dx_BTD, dw = carry
-    return jnp.mean(loss_BT), dx_BTD, None if dw is None else dw.astype(w.dtype)
+    return loss_BT, dx_BTD, None if dw is None else dw.astype(w.dtype)
 
 
-def _chunk(n_valid, layout, w, x_BCD, t_BC, *, scale: float, grads: bool):
-    """Per-token losses [B, C] of one chunk and, with `grads`, its dx [B, C, D] and dw (fp32)."""
+def _chunk(n_valid, layout, w, x_BCD, t_BC, *, scale: float, grads: bool, split: _Split):
+    """Per-token losses [B, C] of one chunk and, with `grads`, its dx [B, C, D] and dw (fp32).
+    Under a split, N counts the rows gathered over `split.shared` and V is the local slice."""
     B, C, D = x_BCD.shape
     logits_eq, dx_eq, dw_eq = _EQUATIONS[layout]
-    x_ND = x_BCD.reshape(B * C, D)  # 2-D operands: see `gpt2_jax.model.Dense`
-    t_N = t_BC.reshape(B * C)
+    x_ND = split.gather_rows(x_BCD).reshape(-1, D)  # 2-D operands: see `gpt2_jax.model.Dense`
+    t_N = split.gather_rows(t_BC).reshape(-1)
     logits_NV = jnp.einsum(logits_eq, x_ND, w, preferred_element_type=jnp.float32)
-    logits_NV = mask_vocab(constrain(logits_NV, "batch", "vocab"), n_valid)
+    V = logits_NV.shape[-1]
+    ids_V = split.offset(V) + jnp.arange(V)  # the vocabulary ids of these columns
+    if split.vocab:
+        logits_NV = jnp.where(ids_V < n_valid, logits_NV, -jnp.inf)
+    else:
+        logits_NV = mask_vocab(sharding.constrain(logits_NV, "batch", "vocab"), n_valid)
     # The exponentials are taken once and serve both the log-sum-exp and the softmax: a
     # second exp pass over [N, V] (jax.nn.logsumexp, then exp(logits - lse)) cost 20% of the
     # head's time on CPU.
-    max_N = jnp.max(logits_NV, axis=-1)
+    max_N = split.vmax(jnp.max(logits_NV, axis=-1))
     exp_NV = jnp.exp(logits_NV - max_N[:, None])
-    sum_N = jnp.sum(exp_NV, axis=-1)
-    target_N = jnp.take_along_axis(logits_NV, t_N[:, None], axis=-1)[:, 0]
-    loss_BC = (max_N + jnp.log(sum_N) - target_N).reshape(B, C)
+    sum_N = split.vsum(jnp.sum(exp_NV, axis=-1))
+    local_N = t_N - split.offset(V)
+    mine_N = (local_N >= 0) & (local_N < V)  # always, on one device
+    picked_N = jnp.take_along_axis(logits_NV, jnp.where(mine_N, local_N, 0)[:, None], axis=-1)
+    target_N = split.vsum(jnp.where(mine_N, picked_N[:, 0], 0.0))
+    loss_BC = split.own_rows((max_N + jnp.log(sum_N) - target_N).reshape(-1, C), B)
     if not grads:
         return loss_BC, None, None
-    V = logits_NV.shape[-1]
     # d(mean loss)/d(logits) = (softmax - one_hot) / tokens
-    one_hot_NV = jnp.arange(V) == t_N[:, None]
+    one_hot_NV = ids_V == t_N[:, None]
     d_NV = (exp_NV * (scale / sum_N)[:, None] - one_hot_NV * scale).astype(x_ND.dtype)
     dx_ND = jnp.einsum(dx_eq, d_NV, w, preferred_element_type=jnp.float32)
+    dx_BCD = split.scatter_rows(dx_ND.reshape(-1, C, D))
     dw = jnp.einsum(dw_eq, d_NV, x_ND, preferred_element_type=jnp.float32)
-    return loss_BC, dx_ND.astype(x_BCD.dtype).reshape(B, C, D), dw
+    return loss_BC, dx_BCD.astype(x_BCD.dtype), dw

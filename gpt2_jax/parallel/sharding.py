@@ -19,11 +19,12 @@ from gpt2_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
-# Logical axis → mesh axis. FSDP shards the model dimension of every matrix; tensor
-# parallelism splits heads and the MLP (Megatron column / row) and the vocabulary.
+# Logical axis → mesh axis. FSDP shards the model dimension of every matrix but the vocabulary
+# ones, which it splits by vocabulary row (with tensor parallelism: Megatron column / row for
+# heads and the MLP, and vocabulary rows).
 RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp", "expert"),  # expert devices split the batch outside the experts
-    "vocab": "tensor",
+    "vocab": ("tensor", "fsdp"),
     "embed": "fsdp",
     "qkv": "tensor",
     "heads": "tensor",
@@ -68,6 +69,15 @@ def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
 def active() -> tuple[Mesh, dict] | None:
     """The (mesh, rules) activations are pinned to now, or None outside a step."""
     return _ACTIVATIONS.get()
+
+
+def split_count(name: str) -> int:
+    """How many devices the active mesh splits logical axis `name` over (1 outside a step)."""
+    active = _ACTIVATIONS.get()
+    if active is None:
+        return 1
+    mesh, rules = active
+    return _axis_size(mesh, rules.get(name))
 
 
 def tensor_parallel() -> bool:
@@ -141,18 +151,25 @@ def rules_for(n_kv_head: int, mesh: Mesh) -> dict:
 
 
 def logical_spec(logical_axes, shape, mesh: Mesh, rules: dict | None = None) -> PartitionSpec:
-    """PartitionSpec for one parameter; a dimension the mesh axis does not divide is replicated."""
+    """PartitionSpec for one array by the logical names of its dimensions.
+
+    A dimension takes the mesh axes of its rule (those over size 1) that no other dimension
+    has taken, and none where their product does not divide it. "vocab" dimensions choose
+    first: the embedding and head are split by vocabulary over fsdp too, so each device
+    computes its slice's gradient whole (activations then split over the other batch axes).
+    """
     rules = RULES if rules is None else rules
-    spec = []
+    spec: list = [None] * len(shape)
     used: set[str] = set()
-    for name, dim in zip(logical_axes, shape, strict=True):
+    order = sorted(range(len(shape)), key=lambda i: logical_axes[i] != "vocab")
+    for i in order:
+        name, dim = logical_axes[i], shape[i]
         axes = rules.get(name) if name else None
         flat = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-        if flat and dim % _axis_size(mesh, flat) == 0 and not used & set(flat):
-            used |= set(flat)
-            spec.append(axes)
-        else:
-            spec.append(None)
+        free = tuple(a for a in flat if a not in used and mesh.shape[a] > 1)
+        if free and dim % _axis_size(mesh, free) == 0:
+            used |= set(free)
+            spec[i] = free[0] if len(free) == 1 else free
     return PartitionSpec(*spec)
 
 
@@ -182,6 +199,17 @@ def opt_state_specs(tx: optax.GradientTransformation, opt_state, specs):
         transform_non_params=lambda _: PartitionSpec(),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
+
+
+def splits_params(specs, axes, mesh: Mesh) -> bool:
+    """Whether any parameter of `specs` is split over one of the mesh `axes` of size > 1."""
+    axes = {a for a in axes if mesh.shape[a] > 1}
+    for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)):
+        for entry in spec:
+            named = () if entry is None else (entry,) if isinstance(entry, str) else entry
+            if axes & set(named):
+                return True
+    return False
 
 
 def _batch_free(spec: PartitionSpec) -> tuple:

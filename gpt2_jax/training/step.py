@@ -71,10 +71,16 @@ class Trainer:
         self.state_shardings = sharding.named(mesh, self.state_specs)
         self.batch_sharding = NamedSharding(mesh, sharding.batch_spec())
         self.metric_sharding = NamedSharding(mesh, scalar)
-        # Batch shards that accumulate their own gradients (see `accumulate`). MoE layers
-        # gather tokens across devices, which a per-replica vmap cannot express.
+        # Batch shards that accumulate their own gradients (see `accumulate`): only where each
+        # holds whole parameters anyway (no fsdp split), so a whole gradient per device costs
+        # nothing more. MoE layers gather tokens across devices, which a per-replica vmap
+        # cannot express.
         n_batch = math.prod(mesh.shape[a] for a in sharding.RULES["batch"])
-        per_replica = model_cfg.dropout == 0 and model_cfg.moe_experts == 0
+        per_replica = (
+            model_cfg.dropout == 0
+            and model_cfg.moe_experts == 0
+            and not sharding.splits_params(self.param_specs, sharding.RULES["batch"], mesh)
+        )
         self.replicas = n_batch if per_replica else 1
 
         self.init_state = jax.jit(self._init, out_shardings=self.state_shardings)
@@ -122,11 +128,14 @@ class Trainer:
         """Mean cross-entropy ("loss"), MoE stats and training-objective gradients over the
         grad_accum micro-batches of one global batch.
 
-        Without dropout each batch shard (one data × fsdp position) sums the gradients of its
-        own rows over all micro-batches, and the shards are reduced once per step, straight
-        onto the parameters' layout. With dropout the masks are drawn over the whole
-        micro-batch, so a run's random state stays (seed, step) on every mesh; there the
-        gradients are reduced every micro-batch.
+        Where the parameters are split over fsdp, each micro-batch's gradients are reduced
+        onto the parameters' layout as the backward pass produces them (a reduce-scatter per
+        layer), and the accumulator is that sharded gradient: no device ever holds more than
+        its shard of any gradient, at one reduction per micro-batch. Where every batch shard
+        holds whole parameters (a pure data axis), without dropout or MoE, each shard sums the
+        gradients of its own rows over all micro-batches and the shards are reduced once per
+        step. With dropout the masks are drawn over the whole micro-batch, so a run's random
+        state stays (seed, step) on every mesh.
         """
         A, R = self.cfg.grad_accum, self.replicas
         B, T = x_BT.shape
@@ -156,9 +165,12 @@ class Trainer:
         else:
 
             def grad_fn(p, k, x_1bT, y_1bT):  # one replica: drop its axis
-                return jax.value_and_grad(self._loss, has_aux=True)(p, k, x_1bT[0], y_1bT[0])
+                out, grads = jax.value_and_grad(self._loss, has_aux=True)(p, k, x_1bT[0], y_1bT[0])
+                return out, jax.lax.with_sharding_constraint(grads, self.state_shardings.params)
 
-            zeros = jax.tree.map(jnp.zeros_like, params)
+            zeros = jax.lax.with_sharding_constraint(
+                jax.tree.map(jnp.zeros_like, params), self.state_shardings.params
+            )
 
         def micro(carry, inputs):
             sums, grad_sum = carry
