@@ -41,6 +41,7 @@ from gpt2_jax.training.step import Trainer  # noqa: E402
 
 STEPS = 5
 VOCAB = 128
+ODD_VOCAB = 127  # divided by no mesh axis
 MODELS = {
     "learned_mha": ModelConfig(
         vocab_size=VOCAB, n_layer=1, n_head=4, n_embd=32, max_seq_len=16, dropout=0.1
@@ -100,11 +101,11 @@ def _max_diff(a: dict, b: dict) -> tuple[float, str]:
     return max((float(np.max(np.abs(a[k] - b[k]))), k) for k in a)
 
 
-def _batches(cfg: TrainConfig, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def _batches(cfg: TrainConfig, n: int, vocab: int = VOCAB) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(0)
     out = []
     for _ in range(n):
-        ids = rng.integers(0, VOCAB, (cfg.batch_size, cfg.seq_len + 1)).astype(np.int32)
+        ids = rng.integers(0, vocab, (cfg.batch_size, cfg.seq_len + 1)).astype(np.int32)
         out.append((ids[:, :-1], ids[:, 1:]))
     return out
 
@@ -236,8 +237,10 @@ def meshes(model_name: str, work: Path) -> dict:
 def variants() -> dict:
     """Against the plain run on one device, for both models (tied and untied heads, with and
     without grad_accum): the chunked loss (chunk 5, not dividing seq_len 16) on FSDP and mixed
-    meshes over 5 steps, and scanned layers (the same initial weights, restacked; remat=block)
-    on FSDP 8 over 10 steps."""
+    meshes over 5 steps, scanned layers (the same initial weights, restacked; remat=block)
+    on FSDP 8 over 10 steps, and a vocabulary of 127 that no mesh divides (stored split along
+    features, relaid to vocabulary rows padded to a multiple of the devices inside the step),
+    with either loss."""
     report = {}
     for model_name, model_cfg in MODELS.items():
         full_cfg = dataclasses.replace(TRAIN[model_name], loss_impl="full")
@@ -245,15 +248,18 @@ def variants() -> dict:
         # (no dropout: the stacked layers draw their masks from other keys)
         scanned_cfg = dataclasses.replace(model_cfg, n_layer=2, scan_layers=True, dropout=0.0)
         remat_cfg = dataclasses.replace(full_cfg, remat="block")
+        odd_cfg = dataclasses.replace(model_cfg, vocab_size=ODD_VOCAB)
         runs = {  # name → (model config, train config, mesh, steps)
             "chunked/fsdp8": (model_cfg, chunked_cfg, "fsdp8", STEPS),
             "chunked/dp2_fsdp2_tp2": (model_cfg, chunked_cfg, "dp2_fsdp2_tp2", STEPS),
             "scanned/fsdp8": (scanned_cfg, remat_cfg, "fsdp8", 2 * STEPS),
+            "vocab127/chunked/dp2_fsdp2_tp2": (odd_cfg, chunked_cfg, "dp2_fsdp2_tp2", STEPS),
+            "vocab127/full/fsdp8": (odd_cfg, full_cfg, "fsdp8", STEPS),
         }
         refs = {}
         for name, (m_cfg, t_cfg, mesh_name, steps) in runs.items():
             plain = dataclasses.replace(m_cfg, scan_layers=False)
-            batches = _batches(full_cfg, steps)
+            batches = _batches(full_cfg, steps, m_cfg.vocab_size)
             if (plain, steps) not in refs:  # the plain one-device run, once per config
                 one = Trainer(plain, full_cfg, make_mesh(MeshConfig(), jax.devices()[:1]))
                 init = jax.device_get(one.init_state())

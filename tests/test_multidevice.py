@@ -205,7 +205,8 @@ def test_chunked_loss_and_scanned_layers_on_meshes_train_like_one_device(childre
     for name, r in report.items():
         print(f"  {name:<40} max |Δloss| {r['max_loss_diff']:.2e}  "
               f"max |Δparam| {r['max_param_diff']:.2e}")  # fmt: skip
-    runs = ("chunked/fsdp8", "chunked/dp2_fsdp2_tp2", "scanned/fsdp8")
+    runs = ("chunked/fsdp8", "chunked/dp2_fsdp2_tp2", "scanned/fsdp8",
+            "vocab127/chunked/dp2_fsdp2_tp2", "vocab127/full/fsdp8")  # fmt: skip
     assert sorted(report) == sorted(f"{m}/{r}" for m in MODELS for r in runs)
     for name, r in report.items():
         assert r["max_loss_diff"] <= TOL and r["max_param_diff"] <= TOL, name
