@@ -55,12 +55,6 @@ class Trainer:
         self.graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
         abstract.eval()  # dropout off for evaluation
         self.eval_graphdef = nnx.split(abstract, nnx.Param, ...)[0]
-        # Non-parameter state (dropout RNG streams) is tiny and reseeded every step; under jit
-        # the unused parameter initialisers are dead code, so this allocates no weights.
-        self.rest = jax.jit(
-            lambda: nnx.split(build(), nnx.Param, ...)[2],
-            out_shardings=NamedSharding(mesh, PartitionSpec()),
-        )()
 
         self.rules = sharding.rules_for(model_cfg.n_kv_head, mesh)
         self.param_specs = sharding.param_specs(abstract_params, mesh, self.rules)
@@ -111,11 +105,24 @@ class Trainer:
         zero = jnp.zeros((), jnp.int32)
         return TrainState(zero, params, self.tx.init(params), zero)
 
+    def _rest(self):
+        """The non-parameter state (dropout RNG streams), built inside the trace that uses it:
+        it is tiny, reseeded every step, and the unused parameter initialisers are dead code.
+        So building a Trainer runs nothing, and it can compile for devices it cannot run on
+        (`benchmarks/scale.py --target`)."""
+        return nnx.split(self._build(), nnx.Param, ...)[2]
+
+    @functools.cached_property
+    def rest(self):
+        """`_rest()` as arrays on the mesh, for `model` (computed at its first use)."""
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.jit(self._rest, out_shardings=replicated)()
+
     def _loss(self, params, key, x_BT, y_BT, rules=None):
         """The training objective (cross-entropy + the MoE aux losses) and, as aux output,
         the pure cross-entropy and the MoE stats."""
-        # A fresh copy of the RNG state, so reseeding mutates Variables of this trace.
-        model = nnx.merge(self.graphdef, params, jax.tree.map(lambda a: a, self.rest))
+        # A fresh RNG state of this trace, so reseeding mutates Variables of this trace.
+        model = nnx.merge(self.graphdef, params, self._rest())
         if self.model_cfg.dropout > 0:
             nnx.reseed(model, default=key, policy="match_shape")  # stacked layers: a key each
         with sharding.activation_sharding(self.mesh, self.rules if rules is None else rules):
@@ -233,7 +240,7 @@ class Trainer:
 
     def _eval_loss(self, params, x_BT, y_BT):
         with sharding.activation_sharding(self.mesh, self.rules):
-            model = nnx.merge(self.eval_graphdef, params, self.rest)
+            model = nnx.merge(self.eval_graphdef, params, self._rest())
             return model.loss(x_BT, y_BT, impl=self.cfg.loss_impl, chunk=self.cfg.loss_chunk)
 
     # -- helpers --------------------------------------------------------------------------
