@@ -3,7 +3,7 @@
     python -m benchmarks scale [--configs gpt2-124m,gpt2-350m,gpt2-774m,gpt2-1.5b]
         [--layouts unrolled,scanned] [--loss-impls full,chunked] [--batch-size 16]
         [--seq-len 1024] [--mesh data=1,fsdp=1,tensor=1] [--remat config] [--dtype float32]
-        [--out FILE] [--json]
+        [--target cpu | tpu:TOPOLOGY] [--out FILE] [--json]
 
 For each config × layer layout (`model.scan_layers`) × `train.loss_impl`, the train step is
 traced and compiled from abstract shapes (`jit(...).lower(...).compile()`: no weights exist)
@@ -11,6 +11,15 @@ and XLA's memory analysis of the compiled program is read: per device, the argum
 and batch), outputs, the donated part of both (aliased), temporaries, and peak = arguments +
 outputs − aliased + temporaries. `--mesh` shards the step as training would (on CPU the
 benchmark asks XLA for that many host devices when JAX is not yet started).
+
+`--target tpu:v5e:2x4` (any topology libtpu knows: v5p:2x4x4, v6e:2x4, ...) compiles for that
+TPU slice instead, from this host, with XLA's TPU compiler (benchmarks/_targets.py; needs the
+`[tpu]` extra): `--mesh` must use all its devices (default: fsdp over all of them), `auto`
+choices resolve as on the TPU, and each row says which attention and MoE paths it got, the
+device's HBM and whether the step fits. FLOPs per step are counted analytically (6 × matmul
+parameters + 12 × layers × d × attended keys, per token: `training.metrics.flops_per_token`)
+beside the compiler's own count, which counts a loop body once (scanned layers, the chunked
+loss) and so under-counts.
 
 On XLA:CPU `jax.checkpoint` in an unrolled graph changes neither the compiled temporaries nor
 the real peak (XLA:CPU undoes the remat), so the unrolled figures say nothing about remat
@@ -27,6 +36,7 @@ import os
 import sys
 import time
 
+from benchmarks import _targets
 from benchmarks._flags import name_list
 from benchmarks._out import check_json_path, write_json
 from gpt2_jax.errors import ArgParser, UserError, cli_main
@@ -82,7 +92,38 @@ def measure(cfg, mesh) -> dict:
     return {
         "trace_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
         "argument_bytes": args, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
-        "peak_bytes": args + out - alias + temp,
+        "peak_bytes": args + out - alias + temp, **_paths_and_flops(cfg, mesh, compiled),
+    }  # fmt: skip
+
+
+def _paths_and_flops(cfg, mesh, compiled) -> dict:
+    """The attention / MoE paths `auto` resolves to on `mesh`'s devices, and FLOPs per step:
+    analytic, and the compiler's count (None where it gives none)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from gpt2_jax.model import attention, moe
+    from gpt2_jax.model.gpt import GPT, count_params
+    from gpt2_jax.parallel import sharding
+    from gpt2_jax.training.metrics import flops_per_token
+
+    m, t = cfg.model, cfg.train
+    target = attention.device_target(mesh.devices.flat[0])
+    attn = attention.resolve_impl(
+        m.attention_impl, jnp.dtype(m.compute_dtype), seq_len=t.seq_len,
+        window=m.attention_window, head_dim=m.head_dim, target=target,
+    )  # fmt: skip
+    with sharding.activation_sharding(mesh):  # the step's device: the target's
+        moe_impl = moe.resolve_impl(m.moe_impl) if m.moe_experts else None
+    abstract = nnx.eval_shape(lambda: GPT(m, rngs=nnx.Rngs(0)))
+    per_token = flops_per_token(m, count_params(abstract, matmul_only=True), t.seq_len)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) and cost else cost
+    compiler = (cost or {}).get("flops")
+    return {
+        "attention_impl": attn, "moe_impl": moe_impl,
+        "flops_analytic": per_token * t.batch_size * t.seq_len,
+        "flops_compiler": None if compiler is None else float(compiler) * mesh.size,
     }  # fmt: skip
 
 
@@ -93,11 +134,19 @@ def run(args) -> list[dict]:
     from gpt2_jax.parallel.sharding import make_mesh
 
     n = args.mesh["data"] * args.mesh["fsdp"] * args.mesh["tensor"]
-    if len(jax.devices()) < n:
+    if args.target[0] != "cpu":
+        devices = _targets.devices(*args.target)
+        if n != len(devices):
+            raise UserError(f"--mesh has {n} devices but --target {':'.join(args.target)} has "
+                            f"{len(devices)}; make the mesh use them all")  # fmt: skip
+    elif len(jax.devices()) < n:
         raise UserError(f"--mesh needs {n} devices, JAX sees {len(jax.devices())}; on CPU start "
                         f"with XLA_FLAGS=--xla_force_host_platform_device_count={n}")  # fmt: skip
-    mesh = make_mesh(MeshConfig(**args.mesh), jax.devices()[:n])
-    device = jax.devices()[0].device_kind
+    else:
+        devices = jax.devices()[:n]
+    mesh = make_mesh(MeshConfig(**args.mesh), devices)
+    device = devices[0].device_kind
+    hbm = _targets.hbm_bytes(device)
     records = []
     remat = None if args.remat == "config" else args.remat
     for name in args.configs:
@@ -115,6 +164,9 @@ def run(args) -> list[dict]:
                        "batch_size": args.batch_size, "seq_len": args.seq_len,
                        "mesh": args.mesh, "remat": train.remat, "dtype": args.dtype,
                        "device": device, **measure(cfg, mesh)}  # fmt: skip
+                rec["target"] = ":".join(a for a in args.target if a)
+                rec["hbm_bytes"] = hbm
+                rec["fits"] = None if hbm is None else rec["peak_bytes"] <= hbm
                 records.append(rec)
                 print(_row(rec), file=sys.stderr, flush=True)
     return records
@@ -122,8 +174,12 @@ def run(args) -> list[dict]:
 
 def _row(r: dict) -> str:
     sizes = " ".join(f"{r[k] / 1e9:8.2f}" for k in ("argument_bytes", "temp_bytes", "peak_bytes"))
+    fits = {None: "-", True: "yes", False: "NO"}[r["fits"]]
+    compiler = "-" if r["flops_compiler"] is None else f"{r['flops_compiler'] / 1e12:.1f}"
     return (f"{r['config']:<11} {r['layout']:<9} {r['loss_impl']:<8} {r['trace_s']:7.1f} "
-            f"{r['compile_s']:8.1f} {sizes}")  # fmt: skip
+            f"{r['compile_s']:8.1f} {sizes} {fits:>4} {r['attention_impl']:<8} "
+            f"{r['moe_impl'] or '-':<7} {r['flops_analytic'] / 1e12:9.1f} "
+            f"{compiler:>9}")  # fmt: skip
 
 
 def table(records: list[dict]) -> str:
@@ -131,9 +187,12 @@ def table(records: list[dict]) -> str:
     mesh = "×".join(f"{a} {r0['mesh'][a]}" for a in AXES)
     lines = [
         f"train step, B {r0['batch_size']} × T {r0['seq_len']}, {r0['dtype']}, remat "
-        f"{r0['remat']}, mesh {mesh}, {r0['device']}; memory per device (GB)",
+        f"{r0['remat']}, mesh {mesh}, {r0['device']} (target {r0['target']}"
+        + ("" if r0["hbm_bytes"] is None else f", {r0['hbm_bytes'] / 2**30:.0f} GiB HBM")
+        + "); memory per device (GB), TFLOP per step (analytic; the compiler's)",
         f"{'config':<11} {'layout':<9} {'loss':<8} {'trace s':>7} {'compile s':>8} "
-        f"{'args':>8} {'temp':>8} {'peak':>8}",
+        f"{'args':>8} {'temp':>8} {'peak':>8} {'fits':>4} {'attn':<8} {'moe':<7} "
+        f"{'TFLOP':>9} {'compiler':>9}",
     ]
     return "\n".join(lines + [_row(r) for r in records])
 
@@ -151,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default="", help="axis=size pairs, e.g. fsdp=8 (default: 1 device)")
     p.add_argument("--remat", default="config", help="none | block | dots | config (its own)")
     p.add_argument("--dtype", default="float32", help="model.dtype (compute)")
+    p.add_argument(
+        "--target", default="cpu", help="cpu (this host) or tpu:TOPOLOGY, e.g. tpu:v5e:2x4"
+    )
     p.add_argument("--out", default=None, help="JSON file (default: bench_out/scale-*/)")
     p.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
     return p
@@ -159,8 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.target = _targets.parse(args.target)
+    mesh_given = bool(args.mesh.strip())
     args.mesh = parse_mesh(args.mesh)
-    _ask_for_cpu_devices(args.mesh["data"] * args.mesh["fsdp"] * args.mesh["tensor"])
+    if args.target[0] == "cpu":
+        _ask_for_cpu_devices(args.mesh["data"] * args.mesh["fsdp"] * args.mesh["tensor"])
+    elif not mesh_given:  # FSDP over the whole slice
+        args.mesh["fsdp"] = len(_targets.devices(*args.target))
 
     from gpt2_jax.config import DTYPES, LOSS_IMPLS, resolve_config_path
     from gpt2_jax.model.gpt import REMAT_POLICIES

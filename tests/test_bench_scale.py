@@ -29,6 +29,10 @@ def test_each_layout_and_loss_asked_for_is_compiled_and_measured(tmp_path, capsy
     assert scale.main([*argv, "--layouts", "scanned", "--loss-impls", "full"]) == 0
     text = capsys.readouterr().out
     assert "B 2 × T 16" in text and text.count("\ntiny ") == 1
+    for r in records:  # a CPU host: auto resolves as on CPU; the analytic FLOPs of B·T tokens
+        assert r["target"] == "cpu" and r["hbm_bytes"] is None and r["fits"] is None
+        assert r["attention_impl"] == "chunked" and r["moe_impl"] is None
+        assert r["flops_analytic"] > 6 * 2 * 16 * 1e5
 
 
 @pytest.mark.parametrize(
@@ -42,6 +46,8 @@ def test_each_layout_and_loss_asked_for_is_compiled_and_measured(tmp_path, capsy
         (["--remat", "all"], "--remat takes one of"),
         (["--out", "."], "is a directory"),
         (["--configs", "tiny", "--mesh", "fsdp=64"], "--mesh needs 64 devices"),
+        (["--target", "gpu:h100"], "--target takes cpu or tpu:TOPOLOGY"),
+        (["--target", "tpu"], "--target takes cpu or tpu:TOPOLOGY"),
     ],
 )
 def test_bad_flags_are_one_line(argv, message, capsys, monkeypatch):
@@ -51,3 +57,45 @@ def test_bad_flags_are_one_line(argv, message, capsys, monkeypatch):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_a_target_libtpu_cannot_describe_is_one_line(monkeypatch):
+    from jax.experimental import topologies
+
+    from benchmarks import _targets
+    from gpt2_jax.errors import UserError
+
+    def no_libtpu(**_):
+        raise RuntimeError("Unable to initialize backend 'tpu'\nmore detail")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", no_libtpu)
+    with pytest.raises(UserError) as exc:
+        _targets.devices("tpu", "v5e:2x4")
+    message = str(exc.value)
+    assert "\n" not in message and "Unable to initialize backend 'tpu'" in message
+    assert "pip install 'gpt2-jax[tpu]'" in message
+
+
+def test_building_a_trainer_compiles_and_runs_nothing():
+    """So it can be built for compile-only devices (`--target`), which run nothing."""
+    import jax
+
+    from gpt2_jax.config import MeshConfig, load_config, resolve_config_path
+    from gpt2_jax.parallel.sharding import make_mesh
+    from gpt2_jax.training.step import Trainer
+
+    cfg = load_config(resolve_config_path("tiny"), ["model.dropout=0.1"])
+    compiles = []
+
+    def listen(event, duration, **_):
+        if event.endswith("backend_compile_duration"):  # XLA compiles (tracing is free)
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        trainer = Trainer(cfg.model, cfg.train, make_mesh(MeshConfig(), jax.devices()[:1]))
+        assert compiles == []
+        trainer.rest  # noqa: B018 (the RNG state for `model()`: computed at first use)
+        assert compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)

@@ -39,6 +39,7 @@ from gpt2_jax.config import ATTENTION_IMPLS as IMPLS
 from gpt2_jax.errors import UserError
 from gpt2_jax.ops.blocked_attention import DEFAULT_BLOCK, blocked_attention
 from gpt2_jax.ops.chunked_attention import chunked_attention
+from gpt2_jax.parallel import sharding
 
 AUTO_CHUNKED_MAX_SPAN = 1024
 AUTO_BLOCKED_MIN_T = 512
@@ -60,11 +61,12 @@ class Target(NamedTuple):
 
 
 def device_target(device: jax.Device | None = None) -> Target:
-    """The Target of `device` (default: the first of `jax.devices()`).
+    """The Target of `device` (default: `sharding.step_device()`, the device a step is traced
+    for, so `auto` resolves for a compile-only accelerator as it would on one).
 
     CUDA and ROCm devices both report platform "gpu"; the client's platform version names which.
     """
-    device = jax.devices()[0] if device is None else device
+    device = sharding.step_device() if device is None else device
     platform = device.platform
     if platform == "gpu":
         version = str(getattr(device.client, "platform_version", "")).lower()

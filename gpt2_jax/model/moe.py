@@ -146,9 +146,10 @@ def route_tokens(x_BTD: jax.Array, router_DE: jax.Array, k: int, cf: float | Non
 
 
 def resolve_impl(impl: str) -> str:
+    """`auto`: "grouped" on CPU, "ragged" elsewhere, for the device the step is traced for."""
     if impl != "auto":
         return impl
-    return "grouped" if jax.default_backend() == "cpu" else "ragged"
+    return "grouped" if sharding.step_device().platform == "cpu" else "ragged"
 
 
 def apply_experts(x_BTD, idx_BTK, w_BTK, slot_BTK, weights, *, impl: str, capacity):

@@ -71,6 +71,13 @@ def active() -> tuple[Mesh, dict] | None:
     return _ACTIVATIONS.get()
 
 
+def step_device() -> jax.Device:
+    """The device a step is being traced for: the first of the active mesh (which may be a
+    compile-only accelerator, `benchmarks/scale.py --target`), else `jax.devices()[0]`."""
+    active = _ACTIVATIONS.get()
+    return active[0].devices.flat[0] if active is not None else jax.devices()[0]
+
+
 def split_count(name: str) -> int:
     """How many devices the active mesh splits logical axis `name` over (1 outside a step)."""
     active = _ACTIVATIONS.get()
