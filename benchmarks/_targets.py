@@ -37,7 +37,12 @@ def devices(platform: str, name: str) -> list:
     try:
         from jax.experimental import topologies
 
-        topology = topologies.get_topology_desc(topology_name=name, platform=platform)
+        try:
+            topology = topologies.get_topology_desc(topology_name=name, platform=platform)
+        except Exception:  # a slice smaller than a host (v5e:1x1): it is all one host's
+            topology = topologies.get_topology_desc(
+                topology_name=name, platform=platform, chips_per_host_bounds=_dims(name)
+            )
     except Exception as e:  # libtpu missing, or a topology it does not know
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -46,6 +51,14 @@ def devices(platform: str, name: str) -> list:
             "v5e:2x4 or v5p:2x4x4"
         ) from None
     return list(topology.devices)
+
+
+def _dims(name: str) -> tuple[int, int, int]:
+    """'v5e:1x1' → (1, 1, 1): the chip grid of a topology name, padded to three axes."""
+    sizes = name.rpartition(":")[2].split("x")
+    if not all(x.isdigit() for x in sizes) or not 1 <= len(sizes) <= 3:
+        raise ValueError(f"no chip grid in topology {name!r}")
+    return tuple(int(x) for x in sizes) + (1,) * (3 - len(sizes))
 
 
 def hbm_bytes(device_kind: str) -> int | None:
