@@ -2,7 +2,7 @@
 
     python -m benchmarks scale [--configs gpt2-124m,gpt2-350m,gpt2-774m,gpt2-1.5b]
         [--layouts unrolled,scanned] [--loss-impls full,chunked] [--batch-size 16]
-        [--seq-len 1024] [--mesh data=1,fsdp=1,tensor=1] [--remat config] [--dtype float32]
+        [--seq-len 1024] [--mesh data=1,fsdp=1,expert=1,tensor=1] [--remat config] [--dtype float32]
         [--target cpu | tpu:TOPOLOGY] [--out FILE] [--json]
 
 For each config × layer layout (`model.scan_layers`) × `train.loss_impl`, the train step is
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -43,11 +44,12 @@ from gpt2_jax.errors import ArgParser, UserError, cli_main
 
 CONFIGS = ("gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b")
 LAYOUTS = {"unrolled": False, "scanned": True}
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "expert", "tensor")
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """'fsdp=8' or 'data=2,fsdp=4' → sizes of data, fsdp and tensor (1 where not given)."""
+    """'fsdp=8' or 'data=2,fsdp=4' → sizes of data, fsdp, expert and tensor (1 where not
+    given)."""
     sizes = dict.fromkeys(AXES, 1)
     for part in (p.strip() for p in text.split(",") if p.strip()):
         axis, _, value = part.partition("=")
@@ -133,7 +135,7 @@ def run(args) -> list[dict]:
     from gpt2_jax.config import MeshConfig, load_config, resolve_config_path
     from gpt2_jax.parallel.sharding import make_mesh
 
-    n = args.mesh["data"] * args.mesh["fsdp"] * args.mesh["tensor"]
+    n = math.prod(args.mesh.values())
     if args.target[0] != "cpu":
         devices = _targets.devices(*args.target)
         if n != len(devices):
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     mesh_given = bool(args.mesh.strip())
     args.mesh = parse_mesh(args.mesh)
     if args.target[0] == "cpu":
-        _ask_for_cpu_devices(args.mesh["data"] * args.mesh["fsdp"] * args.mesh["tensor"])
+        _ask_for_cpu_devices(math.prod(args.mesh.values()))
     elif not mesh_given:  # FSDP over the whole slice
         args.mesh["fsdp"] = len(_targets.devices(*args.target))
 
