@@ -127,20 +127,25 @@ def ideal_bytes(trainer) -> dict[str, float]:
     import jax
     from jax.sharding import PartitionSpec
 
+    from gpt2_jax.parallel.sharding import mesh_axes
+
     mesh, cfg, mcfg = trainer.mesh, trainer.cfg, trainer.model_cfg
     d, f, t = (mesh.shape[a] for a in ("data", "fsdp", "tensor"))
     A = cfg.grad_accum
     # gradients are reduced each micro-batch unless each batch shard accumulates its own
     reductions = 1 if trainer.replicas > 1 else A
     parts = {"weights": 0.0, "gradients": 0.0, "vocabulary": 0.0, "activations": 0.0}
-    specs = jax.tree.leaves(trainer.param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    specs = jax.tree_util.tree_leaves_with_path(
+        trainer.param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
     params = jax.tree.leaves(jax.eval_shape(trainer.init_state).params)
     compute = jax.numpy.dtype(mcfg.compute_dtype).itemsize
-    for p, spec in zip(params, specs, strict=True):
-        axes = {a for e in spec if e for a in ((e,) if isinstance(e, str) else e)}
+    for p, (path, spec) in zip(params, specs, strict=True):
+        axes = {a for e in spec for a in mesh_axes(e)}
         nbytes = math.prod(p.shape) * p.dtype.itemsize
         split = math.prod(mesh.shape[a] for a in axes)
-        if "fsdp" in axes and p.shape[0] != mcfg.padded_vocab and p.shape[-1] != mcfg.padded_vocab:
+        vocabulary = path[0].key in ("wte", "lm_head")  # split by vocabulary: no weight moves
+        if "fsdp" in axes and not vocabulary:
             parts["weights"] += 2 * A * (f - 1) / f * nbytes / (split / f)
             parts["gradients"] += A * ((f - 1) / f + _ring(d) / f) * nbytes / (split / f)
         else:
@@ -148,17 +153,16 @@ def ideal_bytes(trainer) -> dict[str, float]:
             parts["gradients"] += reductions * _ring(d * shared) * nbytes / split
     rows = cfg.batch_size // (A * d * f)
     act = rows * cfg.seq_len * mcfg.n_embd
+    table = mcfg.padded_vocab * mcfg.n_embd  # elements
+    relaid = trainer.param_specs["wte"]["embedding"].value[0] is None  # not stored by rows
     if f > 1 and trainer.replicas == 1:
         parts["vocabulary"] += A * (f - 1) * act * (3 * compute + 4)
-        wte = trainer.param_specs["wte"]["embedding"].value
-        if wte[0] is None:  # stored along features: relaid to vocabulary rows and back
-            table = mcfg.padded_vocab * mcfg.n_embd * compute / f
-            parts["vocabulary"] += 2 * A * (f - 1) / f * table
+        if relaid:  # stored along features: relaid to vocabulary rows and back
+            parts["vocabulary"] += 2 * A * (f - 1) / f * table * compute / f
     if t > 1:
         parts["activations"] = A * (4 * mcfg.n_layer + 2) * _ring(t) * act * compute
-        wte = trainer.param_specs["wte"]["embedding"].value
-        if wte[0] is None:  # stored whole, split for the head: its gradient gathered
-            parts["vocabulary"] += (t - 1) / t * mcfg.padded_vocab * mcfg.n_embd * 4
+        if relaid:  # stored whole, split for the head: its gradient gathered
+            parts["vocabulary"] += (t - 1) / t * table * 4
     parts["total"] = sum(parts.values())
     return parts
 

@@ -91,10 +91,6 @@ def _walk(n_valid, chunk, layout, x_BTD, w, targets_BT, *, grads: bool):
         return split.run(n_valid, chunk, layout, x_BTD, w, targets_BT, grads=grads)
 
 
-def _names(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Split:
     """The mesh axes of a walk inside a `shard_map`: `vocab` split the head's vocabulary,
@@ -112,8 +108,9 @@ class _Split:
             return None
         mesh, rules = active
         names = ("vocab", None) if layout == "VD" else (None, "vocab")
-        vocab = _names(sharding.logical_spec(names, w.shape, mesh, rules)[names.index("vocab")])
-        rows = _names(sharding.logical_spec(("batch",), (batch,), mesh, rules)[0])
+        w_spec = sharding.logical_spec(names, w.shape, mesh, rules)
+        vocab = sharding.mesh_axes(w_spec[names.index("vocab")])
+        rows = sharding.mesh_axes(sharding.logical_spec(("batch",), (batch,), mesh, rules)[0])
         return _Split(mesh, vocab, rows) if vocab else None
 
     @property

@@ -20,10 +20,6 @@ from jax.sharding import PartitionSpec
 from gpt2_jax.parallel import sharding
 
 
-def _names(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def matmul(x_ND: jax.Array, w_DF: jax.Array, axes: tuple, dtype) -> jax.Array:
     """`x_ND @ w_DF` with both operands in `dtype` (the result too); `axes` are the weight's
     logical axis names (`gpt2_jax.parallel.sharding.RULES`)."""
@@ -32,12 +28,12 @@ def matmul(x_ND: jax.Array, w_DF: jax.Array, axes: tuple, dtype) -> jax.Array:
         return x_ND.astype(dtype) @ w_DF.astype(dtype)
     mesh, rules = active
     w_spec = sharding.logical_spec(axes, w_DF.shape, mesh, rules)
-    batch = _names(sharding.logical_spec(("batch",), x_ND.shape[:1], mesh, rules)[0])
-    gathered = [tuple(a for a in _names(e) if a in batch) for e in w_spec]
+    batch = sharding.mesh_axes(sharding.logical_spec(("batch",), x_ND.shape[:1], mesh, rules)[0])
+    gathered = [tuple(a for a in sharding.mesh_axes(e) if a in batch) for e in w_spec]
     if not any(gathered):
         return x_ND.astype(dtype) @ w_DF.astype(dtype)
     # Each operand dimension keeps the mesh axes of the weight that do not split the batch.
-    kept = [tuple(a for a in _names(e) if a not in batch) or None for e in w_spec]
+    kept = [tuple(a for a in sharding.mesh_axes(e) if a not in batch) or None for e in w_spec]
     row_parallel = kept[0]
     x_spec = PartitionSpec(batch or None, row_parallel)
     y_spec = PartitionSpec(batch or None, kept[1])

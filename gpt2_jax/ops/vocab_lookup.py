@@ -20,10 +20,6 @@ from jax.sharding import PartitionSpec
 from gpt2_jax.parallel import sharding
 
 
-def _names(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def lookup(table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
     """Rows `table_VD[tokens_BT]` ([B, T, D]); ids outside [0, V) give zero rows under a mesh
     that splits the table and are clamped otherwise (callers check ids beforehand)."""
@@ -32,11 +28,11 @@ def lookup(table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
         return jnp.take(table_VD, tokens_BT, axis=0)
     mesh, rules = active
     table_spec = sharding.logical_spec(("vocab", None), table_VD.shape, mesh, rules)
-    rows = _names(table_spec[0])
+    rows = sharding.mesh_axes(table_spec[0])
     if not rows:
         return jnp.take(table_VD, tokens_BT, axis=0)
     ids_spec = sharding.logical_spec(("batch", None), tokens_BT.shape, mesh, rules)
-    batch = _names(ids_spec[0])
+    batch = sharding.mesh_axes(ids_spec[0])
     shared = tuple(a for a in rows if a in batch)  # split both: gather ids, scatter rows
     only_rows = tuple(a for a in rows if a not in batch)  # ids replicated there: sum rows
 

@@ -141,11 +141,13 @@ def _splits_tensor_groups(grid: np.ndarray) -> bool:
     return bool((procs != procs[..., :1]).any())
 
 
+def mesh_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry or rule: None, a name, or a tuple of names."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _axis_size(mesh: Mesh, axes) -> int:
-    if axes is None:
-        return 1
-    axes = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in mesh_axes(axes))
 
 
 def rules_for(n_kv_head: int, mesh: Mesh) -> dict:
@@ -171,8 +173,7 @@ def logical_spec(logical_axes, shape, mesh: Mesh, rules: dict | None = None) -> 
     order = sorted(range(len(shape)), key=lambda i: logical_axes[i] != "vocab")
     for i in order:
         name, dim = logical_axes[i], shape[i]
-        axes = rules.get(name) if name else None
-        flat = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        flat = mesh_axes(rules.get(name) if name else None)
         free = tuple(a for a in flat if a not in used and mesh.shape[a] > 1)
         if free and dim % _axis_size(mesh, free) == 0:
             used |= set(free)
@@ -212,10 +213,8 @@ def splits_params(specs, axes, mesh: Mesh) -> bool:
     """Whether any parameter of `specs` is split over one of the mesh `axes` of size > 1."""
     axes = {a for a in axes if mesh.shape[a] > 1}
     for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)):
-        for entry in spec:
-            named = () if entry is None else (entry,) if isinstance(entry, str) else entry
-            if axes & set(named):
-                return True
+        if any(axes & set(mesh_axes(entry)) for entry in spec):
+            return True
     return False
 
 
