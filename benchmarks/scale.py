@@ -3,7 +3,7 @@
     python -m benchmarks scale [--configs gpt2-124m,gpt2-350m,gpt2-774m,gpt2-1.5b]
         [--layouts unrolled,scanned] [--loss-impls full,chunked] [--batch-size 16]
         [--seq-len 1024] [--mesh data=1,fsdp=1,expert=1,tensor=1] [--remat config] [--dtype float32]
-        [--target cpu | tpu:TOPOLOGY] [--out FILE] [--json]
+        [--target cpu | tpu:TOPOLOGY | gpu:GPUxN] [--out FILE] [--json]
 
 For each config × layer layout (`model.scan_layers`) × `train.loss_impl`, the train step is
 traced and compiled from abstract shapes (`jit(...).lower(...).compile()`: no weights exist)
@@ -13,11 +13,13 @@ outputs − aliased + temporaries. `--mesh` shards the step as training would (o
 benchmark asks XLA for that many host devices when JAX is not yet started).
 
 `--target tpu:v5e:2x4` (any topology libtpu knows: v5p:2x4x4, v6e:2x4, ...) compiles for that
-TPU slice instead, from this host, with XLA's TPU compiler (benchmarks/_targets.py; needs the
-`[tpu]` extra): `--mesh` must use all its devices (default: fsdp over all of them), `auto`
-choices resolve as on the TPU, and each row says which attention and MoE paths it got, the
-device's HBM and whether the step fits. FLOPs per step are counted analytically (6 × matmul
-parameters + 12 × layers × d × attended keys, per token: `training.metrics.flops_per_token`)
+TPU slice instead, from this host, with XLA's TPU compiler; `--target gpu:h100x8` (a100, h100,
+h200; x8 per host) for that many NVIDIA GPUs with XLA:GPU (benchmarks/_targets.py; the
+`[tpu]` / `[compile]` extras). `--mesh` must use all its devices (default: fsdp over all of
+them), `auto` choices resolve as on the target, and each row says which attention and MoE
+paths it got, the device's memory, what a step may use of it (all of a TPU's HBM; JAX's
+default 75% of a GPU's) and whether the step fits. FLOPs per step are counted analytically (6 ×
+matmul parameters + 12 × layers × d × attended keys, per token: `training.metrics.flops_per_token`)
 beside the compiler's own count, which counts a loop body once (scanned layers, the chunked
 loss) and so under-counts.
 
@@ -34,6 +36,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -45,6 +48,7 @@ from gpt2_jax.errors import ArgParser, UserError, cli_main
 CONFIGS = ("gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b")
 LAYOUTS = {"unrolled": False, "scanned": True}
 AXES = ("data", "fsdp", "expert", "tensor")
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -99,7 +103,8 @@ def measure(cfg, mesh) -> dict:
 
 
 def _paths_and_flops(cfg, mesh, compiled) -> dict:
-    """The attention / MoE paths `auto` resolves to on `mesh`'s devices, and FLOPs per step:
+    """The attention / MoE paths `auto` resolves to on `mesh`'s devices, the custom calls
+    (kernels: cuDNN attention, Pallas, ...) the compiled program makes, and FLOPs per step:
     analytic, and the compiler's count (None where it gives none)."""
     import jax.numpy as jnp
     from flax import nnx
@@ -124,6 +129,7 @@ def _paths_and_flops(cfg, mesh, compiled) -> dict:
     compiler = (cost or {}).get("flops")
     return {
         "attention_impl": attn, "moe_impl": moe_impl,
+        "custom_calls": sorted(set(_CUSTOM_CALL.findall(compiled.as_text()))),
         "flops_analytic": per_token * t.batch_size * t.seq_len,
         "flops_compiler": None if compiler is None else float(compiler) * mesh.size,
     }  # fmt: skip
@@ -148,7 +154,7 @@ def run(args) -> list[dict]:
         devices = jax.devices()[:n]
     mesh = make_mesh(MeshConfig(**args.mesh), devices)
     device = devices[0].device_kind
-    hbm = _targets.hbm_bytes(device)
+    hbm, usable = _targets.hbm_bytes(device), _targets.usable_bytes(device)
     records = []
     remat = None if args.remat == "config" else args.remat
     for name in args.configs:
@@ -167,8 +173,8 @@ def run(args) -> list[dict]:
                        "mesh": args.mesh, "remat": train.remat, "dtype": args.dtype,
                        "device": device, **measure(cfg, mesh)}  # fmt: skip
                 rec["target"] = ":".join(a for a in args.target if a)
-                rec["hbm_bytes"] = hbm
-                rec["fits"] = None if hbm is None else rec["peak_bytes"] <= hbm
+                rec["hbm_bytes"], rec["usable_bytes"] = hbm, usable
+                rec["fits"] = None if usable is None else rec["peak_bytes"] <= usable
                 records.append(rec)
                 print(_row(rec), file=sys.stderr, flush=True)
     return records
@@ -190,7 +196,12 @@ def table(records: list[dict]) -> str:
     lines = [
         f"train step, B {r0['batch_size']} × T {r0['seq_len']}, {r0['dtype']}, remat "
         f"{r0['remat']}, mesh {mesh}, {r0['device']} (target {r0['target']}"
-        + ("" if r0["hbm_bytes"] is None else f", {r0['hbm_bytes'] / 2**30:.0f} GiB HBM")
+        + (
+            ""
+            if r0["hbm_bytes"] is None
+            else f", {r0['hbm_bytes'] / 2**30:.0f} GiB memory, "
+            f"{r0['usable_bytes'] / 2**30:.0f} GiB usable"
+        )
         + "); memory per device (GB), TFLOP per step (analytic; the compiler's)",
         f"{'config':<11} {'layout':<9} {'loss':<8} {'trace s':>7} {'compile s':>8} "
         f"{'args':>8} {'temp':>8} {'peak':>8} {'fits':>4} {'attn':<8} {'moe':<7} "
@@ -213,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", default="config", help="none | block | dots | config (its own)")
     p.add_argument("--dtype", default="float32", help="model.dtype (compute)")
     p.add_argument(
-        "--target", default="cpu", help="cpu (this host) or tpu:TOPOLOGY, e.g. tpu:v5e:2x4"
-    )
+        "--target", default="cpu",
+        help="cpu (this host), tpu:TOPOLOGY (e.g. tpu:v5e:2x4) or gpu:GPUxN (e.g. gpu:h100x8)",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="JSON file (default: bench_out/scale-*/)")
     p.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
     return p

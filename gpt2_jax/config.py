@@ -67,8 +67,9 @@ class ModelConfig:
     moe_z_loss_coef: float = _key(0.001, "router z-loss weight in the training loss")
     moe_impl: str = _key(
         "auto",
-        "`auto` = `grouped` on CPU (sorted rows, blocked per-expert matmuls), `ragged` on GPU/TPU "
-        "(`jax.lax.ragged_dot`)",
+        "`auto` = `ragged` on TPU (`jax.lax.ragged_dot`, a grouped-matmul kernel there), "
+        "`grouped` elsewhere (sorted rows, blocked per-expert matmuls; XLA:CPU and XLA:GPU run "
+        "`ragged_dot` as every expert on every row)",
     )
 
     def __post_init__(self) -> None:

@@ -51,6 +51,11 @@ def test_device_target_reads_platform_and_compute_capability():
         Target("cuda", (12, 0))
     )
     assert attention.device_target(MI300) == Target("rocm")
+    # A compile-only H100 (benchmarks scale --target gpu:h100x8) names no platform in its
+    # version; its compute capability is CUDA's.
+    aot = _device("gpu", "PJRT C API\nNVIDIA H100 80GB HBM3", "9.0")
+    assert attention.device_target(aot) == Target("cuda", (9, 0))
+    assert attention.device_target(_device("gpu", "PJRT C API", "gfx942")) == Target("gpu")
     assert attention.device_target() == Target("cpu")  # this host
 
 

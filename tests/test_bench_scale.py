@@ -47,8 +47,11 @@ def test_each_layout_and_loss_asked_for_is_compiled_and_measured(tmp_path, capsy
         (["--remat", "all"], "--remat takes one of"),
         (["--out", "."], "is a directory"),
         (["--configs", "tiny", "--mesh", "fsdp=64"], "--mesh needs 64 devices"),
-        (["--target", "gpu:h100"], "--target takes cpu or tpu:TOPOLOGY"),
-        (["--target", "tpu"], "--target takes cpu or tpu:TOPOLOGY"),
+        (["--target", "gpu"], "--target takes cpu, tpu:TOPOLOGY (e.g. tpu:v5e:2x4) or gpu:"),
+        (["--target", "tpu"], "--target takes cpu, tpu:TOPOLOGY"),
+        (["--target", "gpu:b300x8"], "--target gpu:b300x8: name one of a100, h100, h200"),
+        (["--target", "gpu:h100x12"], "a count that fills hosts of 8"),
+        (["--target", "gpu:h100x0"], "a count that fills hosts of 8"),
     ],
 )
 def test_bad_flags_are_one_line(argv, message, capsys, monkeypatch):
@@ -60,21 +63,36 @@ def test_bad_flags_are_one_line(argv, message, capsys, monkeypatch):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
-def test_a_target_libtpu_cannot_describe_is_one_line(monkeypatch):
+@pytest.mark.parametrize(
+    ("target", "extra"), [(("tpu", "v5e:2x4"), "tpu"), (("gpu", "h100x8"), "compile")]
+)
+def test_a_target_no_compiler_can_describe_is_one_line(monkeypatch, target, extra):
     from jax.experimental import topologies
 
     from benchmarks import _targets
     from gpt2_jax.errors import UserError
 
-    def no_libtpu(**_):
-        raise RuntimeError("Unable to initialize backend 'tpu'\nmore detail")
+    def no_plugin(**_):
+        raise RuntimeError(f"Unable to initialize backend '{target[0]}'\nmore detail")
 
-    monkeypatch.setattr(topologies, "get_topology_desc", no_libtpu)
+    monkeypatch.setattr(topologies, "get_topology_desc", no_plugin)
     with pytest.raises(UserError) as exc:
-        _targets.devices("tpu", "v5e:2x4")
+        _targets.devices(*target)
     message = str(exc.value)
-    assert "\n" not in message and "Unable to initialize backend 'tpu'" in message
-    assert "pip install 'gpt2-jax[tpu]'" in message
+    assert "\n" not in message and f"Unable to initialize backend '{target[0]}'" in message
+    assert f"pip install 'gpt2-jax[{extra}]'" in message
+
+
+def test_gpu_targets_describe_their_gpus_to_the_compiler():
+    from benchmarks import _targets
+
+    text = _targets.target_config(_targets.GPUS["h100"])
+    assert "core_count: 132 " in text and "major: 9 minor: 0" in text
+    assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in text
+    assert _targets.hbm_bytes("NVIDIA H100 80GB HBM3") == 80 * 2**30
+    assert _targets.usable_bytes("NVIDIA H100 80GB HBM3") == 60 * 2**30  # JAX's default 75%
+    assert _targets.usable_bytes("TPU v5 lite") == _targets.hbm_bytes("TPU v5 lite")
+    assert _targets.usable_bytes("cpu") is None
 
 
 def test_building_a_trainer_compiles_and_runs_nothing():

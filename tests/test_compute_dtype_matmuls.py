@@ -5,7 +5,6 @@ the StableHLO a CUDA GPU gets (lowered here without one), plus the fp32 equivale
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
@@ -17,31 +16,11 @@ from gpt2_jax.config import ModelConfig
 from gpt2_jax.model.gpt import GPT
 from gpt2_jax.model.moe import MoE
 from gpt2_jax.ops import mixed_matmul
-
-# `stablehlo.dot_general` and `chlo.ragged_dot`, with the operand and result types.
-_MATMUL = re.compile(r"(stablehlo\.dot_general|chlo\.ragged_dot).*: \((.*)\) -> (tensor<\S+>)")
-_TENSOR = re.compile(r"tensor<((?:\d+x)*)(\w+)>")
-
-
-def _matmuls(hlo: str) -> list[tuple[str, list[tuple[tuple[int, ...], str]]]]:
-    """(op, [(shape, element type) of each operand]) for every matmul in the module."""
-    found = []
-    for line in hlo.splitlines():
-        if m := _MATMUL.search(line):
-            operands = [
-                (tuple(int(d) for d in dims.split("x") if d), dtype)
-                for dims, dtype in _TENSOR.findall(m.group(2))
-            ]
-            found.append((m.group(1), operands))
-    return found
+from tests.hlo_helpers import float_types, matmuls
 
 
 def _cuda_hlo(f, *args) -> str:
     return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-
-def _float_types(operands) -> set[str]:
-    return {dtype for _, dtype in operands if not dtype.startswith(("i", "ui"))}
 
 
 # ------------------------------------------------------------------------------- LM head
@@ -62,11 +41,11 @@ def test_lm_head_forward_and_backward_matmuls_take_bf16_operands(impl, tie):
         return nnx.merge(graphdef, p, rest).loss(tokens, tokens, impl=impl, chunk=8)
 
     V = HEAD.padded_vocab
-    head = [(op, x) for op, x in _matmuls(_cuda_hlo(jax.grad(loss), params)) if V in sum(
+    head = [(op, x) for op, x in matmuls(_cuda_hlo(jax.grad(loss), params)) if V in sum(
         (shape for shape, _ in x), ())]  # fmt: skip
     assert len(head) >= 3, head
     for op, operands in head:
-        assert _float_types(operands) == {"bf16"}, (op, operands)
+        assert float_types(operands) == {"bf16"}, (op, operands)
 
 
 # ------------------------------------------------------------------------------- experts
@@ -92,13 +71,13 @@ def test_expert_matmuls_forward_and_backward_take_bf16_operands(impl, cf, n_expe
         return jnp.sum(nnx.merge(graphdef, p, rest)(x))
 
     F = 4 * cfg.n_embd
-    matmuls = _matmuls(_cuda_hlo(jax.grad(objective, argnums=(0, 1)), params, x))
-    experts = [(op, o) for op, o in matmuls if F in sum((shape for shape, _ in o), ())]
+    found = matmuls(_cuda_hlo(jax.grad(objective, argnums=(0, 1)), params, x))
+    experts = [(op, o) for op, o in found if F in sum((shape for shape, _ in o), ())]
     assert len(experts) == n_expert_matmuls, experts
     if impl == "ragged":
         assert {op for op, _ in experts} == {"chlo.ragged_dot"}
     for op, operands in experts:
-        assert _float_types(operands) == {"bf16"}, (op, operands)
+        assert float_types(operands) == {"bf16"}, (op, operands)
 
 
 # ------------------------------------------------------------------- fp32 = plain autodiff

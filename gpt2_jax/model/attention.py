@@ -68,14 +68,15 @@ def device_target(device: jax.Device | None = None) -> Target:
     """
     device = sharding.step_device() if device is None else device
     platform = device.platform
-    if platform == "gpu":
-        version = str(getattr(device.client, "platform_version", "")).lower()
-        platform = next((p for p in ("rocm", "cuda") if p in version), platform)
-    if platform != "cuda":
-        return Target(platform)
     major, _, minor = str(getattr(device, "compute_capability", "")).partition(".")
     cc = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else None
-    return Target(platform, cc)
+    if platform == "gpu":
+        version = str(getattr(device.client, "platform_version", "")).lower()
+        # A compile-only CUDA device's version names no platform ("PJRT C API\nNVIDIA
+        # H100 ..."); its compute capability is CUDA's "9.0", where ROCm's is "gfx942".
+        default = "cuda" if cc is not None else platform
+        platform = next((p for p in ("rocm", "cuda") if p in version), default)
+    return Target(platform, cc) if platform == "cuda" else Target(platform)
 
 
 def _describe(target: Target) -> str:

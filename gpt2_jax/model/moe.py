@@ -146,10 +146,14 @@ def route_tokens(x_BTD: jax.Array, router_DE: jax.Array, k: int, cf: float | Non
 
 
 def resolve_impl(impl: str) -> str:
-    """`auto`: "grouped" on CPU, "ragged" elsewhere, for the device the step is traced for."""
+    """`auto`: "ragged" on TPU, "grouped" elsewhere, for the device the step is traced for.
+
+    XLA's TPU compiler runs `ragged_dot` as a grouped-matmul kernel (the rows' FLOPs); XLA:CPU
+    and XLA:GPU run it as every expert on every row (E× the FLOPs; docs/moe.md).
+    """
     if impl != "auto":
         return impl
-    return "grouped" if sharding.step_device().platform == "cpu" else "ragged"
+    return "ragged" if sharding.step_device().platform == "tpu" else "grouped"
 
 
 def apply_experts(x_BTD, idx_BTK, w_BTK, slot_BTK, weights, *, impl: str, capacity):
