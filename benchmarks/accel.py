@@ -6,8 +6,10 @@
 Prints, in bf16 on the first device:
 1. attention: cuDNN (GPU) against xla, outputs and gradients, full and windowed (w 256), GQA
    (12 query heads, 4 K/V heads, head dim 64): max relative difference and fwd+bwd time each;
-2. GPT-2 124M training at T = seq_len: tok/s, MFU and the compiled step's peak memory for
-   unrolled vs scanned layers and full vs chunked loss (4 rows, one compile each);
+2. GPT-2 124M training at T = seq_len: tok/s, MFU, the compiled step's peak memory, its
+   compile time and the attention / MoE paths `auto` chose and the kernels (custom calls) the
+   program makes, for unrolled vs scanned layers and full vs chunked loss (4 rows, one
+   compile each: the timed steps run the compiled program);
 3. decode: tok/s of cached greedy generation, batch 1, `--new-tokens` tokens.
 
 On CPU it refuses. `--smoke` runs the same code on a tiny model and short shapes, on any
@@ -22,6 +24,7 @@ import functools
 import sys
 import time
 
+from benchmarks import scale
 from benchmarks._out import check_json_path, write_json
 from gpt2_jax.errors import ArgParser, UserError, cli_main
 
@@ -99,21 +102,30 @@ def training(cfg, steps: int) -> list[dict]:
         for loss in LOSSES:
             model_cfg = dataclasses.replace(cfg.model, scan_layers=scan)
             train_cfg = dataclasses.replace(t, loss_impl=loss)
-            trainer = Trainer(model_cfg, train_cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+            mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+            trainer = Trainer(model_cfg, train_cfg, mesh)
             state = trainer.init_state()
             x, y = trainer.shard_batch(ids[:, :-1], ids[:, 1:])
-            mem = trainer.step.lower(state, x, y).compile().memory_analysis()
+            t0 = time.perf_counter()
+            step = trainer.step.lower(state, x, y).compile()  # the one compile, also timed
+            compile_s = time.perf_counter() - t0
+            mem = step.memory_analysis()
             n = count_params(trainer.model(state.params), matmul_only=True)
             flops_step = flops_per_token(model_cfg, n, t.seq_len) * t.batch_size * t.seq_len
-            state, m = trainer.step(state, x, y)  # compile
+            state, m = step(state, x, y)  # warm-up
             jax.block_until_ready(m)
             t0 = time.perf_counter()
             for _ in range(steps):
-                state, m = trainer.step(state, x, y)
+                state, m = step(state, x, y)
             jax.block_until_ready(m)
             sec = (time.perf_counter() - t0) / steps
+            paths = scale.paths_and_flops(
+                dataclasses.replace(cfg, model=model_cfg, train=train_cfg), mesh, step
+            )
             rows.append({
-                "layout": layout, "loss_impl": loss, "step_ms": 1e3 * sec,
+                "layout": layout, "loss_impl": loss, "compile_s": compile_s,
+                "attention_impl": paths["attention_impl"], "moe_impl": paths["moe_impl"],
+                "custom_calls": paths["custom_calls"], "step_ms": 1e3 * sec,
                 "tokens_per_sec": t.batch_size * t.seq_len / sec,
                 "mfu": flops_step / sec / peak, "peak_flops": peak, "peak_source": peak_source,
                 "compiled_peak_bytes": mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -187,10 +199,12 @@ def table(report: dict) -> str:
                          f"{r['xla_ms']:7.2f}")  # fmt: skip
     else:
         lines.append("attention: no cuDNN on this backend")
-    lines.append("training: layout   loss      tok/s     MFU   compiled peak GB")
+    lines.append("training: layout   loss      tok/s     MFU   compiled peak GB  compile s  "
+                 "attention")  # fmt: skip
     for r in report["training"]:
         lines.append(f"  {r['layout']:<9} {r['loss_impl']:<8} {r['tokens_per_sec']:9.0f} "
-                     f"{100 * r['mfu']:6.1f}% {r['compiled_peak_bytes'] / 1e9:10.2f}")  # fmt: skip
+                     f"{100 * r['mfu']:6.1f}% {r['compiled_peak_bytes'] / 1e9:10.2f} "
+                     f"{r['compile_s']:10.1f}  {r['attention_impl']}")  # fmt: skip
     d = report["decode"]
     lines.append(f"decode: {d['tokens_per_sec']:.1f} tok/s (batch 1, {d['new_tokens']} tokens)")
     return "\n".join(lines)

@@ -98,11 +98,11 @@ def measure(cfg, mesh) -> dict:
     return {
         "trace_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
         "argument_bytes": args, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
-        "peak_bytes": args + out - alias + temp, **_paths_and_flops(cfg, mesh, compiled),
+        "peak_bytes": args + out - alias + temp, **paths_and_flops(cfg, mesh, compiled),
     }  # fmt: skip
 
 
-def _paths_and_flops(cfg, mesh, compiled) -> dict:
+def paths_and_flops(cfg, mesh, compiled) -> dict:
     """The attention / MoE paths `auto` resolves to on `mesh`'s devices, the custom calls
     (kernels: cuDNN attention, Pallas, ...) the compiled program makes, and FLOPs per step:
     analytic, and the compiler's count (None where it gives none)."""

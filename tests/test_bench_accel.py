@@ -32,5 +32,7 @@ def test_smoke_runs_every_part(tmp_path, capsys):
     assert rows == [(a, b) for a in ("unrolled", "scanned") for b in ("full", "chunked")]
     for r in report["training"]:
         assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 and r["compiled_peak_bytes"] > 0
+        assert r["attention_impl"] == "chunked" and r["moe_impl"] is None and r["compile_s"] > 0
+        assert isinstance(r["custom_calls"], list)
     assert report["decode"]["tokens_per_sec"] > 0
     assert "decode:" in capsys.readouterr().out
