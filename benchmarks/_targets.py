@@ -35,6 +35,9 @@ HBM_BYTES = {
 # shared memory per SM and the most one block may opt into, L2, boost clock, memory and its
 # bandwidth. Registers (64 K per SM and block), 2048 threads per SM and 1024 per block are the
 # same on all three.
+_H100 = dict(name="NVIDIA H100 80GB HBM3", cc=(9, 0), sms=132, smem_sm=228 * 1024,
+             smem_optin=227 * 1024, l2=50 * 2**20, clock_ghz=1.98, memory=80 * GIB,
+             bandwidth=3.35e12)  # fmt: skip
 GPUS = {
     "a100": dict(
         name="NVIDIA A100-SXM4-80GB",
@@ -47,28 +50,8 @@ GPUS = {
         memory=80 * GIB,
         bandwidth=2.039e12,
     ),  # fmt: skip
-    "h100": dict(
-        name="NVIDIA H100 80GB HBM3",
-        cc=(9, 0),
-        sms=132,
-        smem_sm=228 * 1024,
-        smem_optin=227 * 1024,
-        l2=50 * 2**20,
-        clock_ghz=1.98,
-        memory=80 * GIB,
-        bandwidth=3.35e12,
-    ),  # fmt: skip
-    "h200": dict(
-        name="NVIDIA H200",
-        cc=(9, 0),
-        sms=132,
-        smem_sm=228 * 1024,
-        smem_optin=227 * 1024,
-        l2=50 * 2**20,
-        clock_ghz=1.98,
-        memory=141 * 10**9,
-        bandwidth=4.8e12,
-    ),  # fmt: skip
+    "h100": _H100,
+    "h200": dict(_H100, name="NVIDIA H200", memory=141 * 10**9, bandwidth=4.8e12),  # same die
 }
 GPUS_PER_HOST = 8
 # JAX's GPU allocator takes 75% of device memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says
