@@ -48,9 +48,18 @@ def test_tiny_step_compiles_for_a_v5e_slice_on_a_data_fsdp_mesh(libtpu, tmp_path
     r = _scale(libtpu, tmp_path, "--configs", "tiny", "--mesh", "data=2,fsdp=2")
     assert r["device"] == "TPU v5 lite" and r["hbm_bytes"] == 16 * 2**30 and r["fits"] is True
     assert r["mesh"] == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 1}
-    assert r["attention_impl"] == "xla"  # auto on a TPU: never cuDNN, and not the CPU's paths
+    assert r["attention_impl"] == "xla"  # auto on a TPU at T 64: not cuDNN, splash or the CPU paths
     assert 0 < r["peak_bytes"] < 2**30 and r["compile_s"] > 0
     assert r["flops_analytic"] > 0
+
+
+def test_step_with_splash_attention_compiles_on_a_data_fsdp_mesh(libtpu, tmp_path):
+    # T 128, a multiple of the kernel's 128-wide blocks: auto takes the Pallas splash kernel,
+    # inside a shard_map over data x fsdp, and XLA's TPU compiler builds it (head dim 16).
+    r = _scale(libtpu, tmp_path, "--configs", "tiny", "--mesh", "data=2,fsdp=2", "--seq-len", "128")
+    assert r["device"] == "TPU v5 lite" and r["fits"] is True
+    assert r["attention_impl"] == "splash" and r["target"] == "tpu:v5e:2x2"
+    assert 0 < r["peak_bytes"] < 2**30 and r["compile_s"] > 0
 
 
 def test_moe_step_compiles_with_an_expert_axis(libtpu, tmp_path):
