@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-lens", default="1024,2048,4096,8192,16384", help="comma-separated T")
     p.add_argument("--windows", default="none,256", help="'none' (full causal) and/or window sizes")
     p.add_argument("--impls", default=None, help="subset of auto,xla,chunked,blocked,cudnn,"
-                   "torch (default xla,chunked,blocked; plus cudnn,torch on a GPU)")  # fmt: skip
+                   "splash,torch (default xla,chunked,blocked; plus cudnn,torch on a GPU, "
+                   "splash on a TPU)")  # fmt: skip
     p.add_argument("--n-head", type=int, default=4, help="query heads N")
     p.add_argument("--n-kv-head", type=int, default=None, help="K/V heads K (default N)")
     p.add_argument("--head-dim", type=int, default=64, help="head dim H")
@@ -325,15 +326,23 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     import jax
 
-    from gpt2_jax.model.attention import cudnn_supported, device_target, require_cudnn
+    from gpt2_jax.model.attention import (
+        cudnn_supported,
+        device_target,
+        require_cudnn,
+        require_splash,
+    )
 
     backend = jax.default_backend()
     cudnn = ["cudnn"] if cudnn_supported(device_target(), a.dtype) else []
     impls = _impls(a.impls) if a.impls else (
         ["xla", "chunked", "blocked"] + (cudnn + ["torch"] if backend == "gpu" else [])
+        + (["splash"] if backend == "tpu" else [])
     )  # fmt: skip
-    if "cudnn" in impls:
-        require_cudnn(a.dtype)  # refuse before measuring anything
+    if "cudnn" in impls:  # refuse before measuring anything
+        require_cudnn(a.dtype)
+    if "splash" in impls:
+        require_splash()
     isolate = a.isolate == "on" or (a.isolate == "auto" and backend == "gpu")
     grid = [(i, t, w) for w in a.windows for i in impls for t in sorted(a.seq_lens)]
     records = []

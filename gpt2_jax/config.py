@@ -17,7 +17,7 @@ from gpt2_jax.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 POS_EMBEDDINGS = ("learned", "rope")
-ATTENTION_IMPLS = ("auto", "xla", "chunked", "blocked", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "blocked", "cudnn", "splash")
 LOSS_IMPLS = ("full", "chunked")
 MOE_IMPLS = ("auto", "grouped", "ragged", "dense")
 
@@ -54,7 +54,7 @@ class ModelConfig:
     dtype: str = _key("auto", "compute dtype: `auto` = bfloat16 on GPU/TPU, float32 on CPU")
     param_dtype: str = _key("float32", "parameter (and optimizer state) dtype")
     attention_impl: str = _key(
-        "auto", "`auto` | `xla` | `chunked` | `blocked` | `cudnn` (attention.md)"
+        "auto", "`auto` | `xla` | `chunked` | `blocked` | `cudnn` | `splash` (attention.md)"
     )
     scan_layers: bool = _key(
         False, "blocks stacked on a layer axis and run by one `jax.lax.scan` (training.md)"

@@ -5,6 +5,7 @@ the kernels `auto` picks for the platform, and matmuls that keep bf16 operands i
 
 from __future__ import annotations
 
+import re
 import types
 
 import jax
@@ -20,6 +21,7 @@ from gpt2_jax.training.step import Trainer
 from tests.hlo_helpers import float_types, matmuls
 
 CUDNN = "__cudnn$fmha"
+SPLASH = re.compile(r'@tpu_custom_call\(.*kernel_name = "(splash_\w+)"')
 H100 = types.SimpleNamespace(
     platform="gpu", client=types.SimpleNamespace(platform_version="cuda 13000"),
     compute_capability="9.0",
@@ -45,7 +47,7 @@ def on(monkeypatch):
 
 def _config(*overrides: str):
     base = ["model.dtype=bfloat16", "model.dropout=0.0", "train.batch_size=2",
-            "train.seq_len=32", *overrides]  # fmt: skip
+            "train.seq_len=128", *overrides]  # fmt: skip
     return load_config(resolve_config_path("tiny"), base)
 
 
@@ -73,10 +75,14 @@ STEPS = [
 @pytest.mark.parametrize(("platform", "overrides"), STEPS, ids=lambda v: str(v)[:40])
 def test_train_step_kernels_and_bf16_matmuls(on, platform, overrides):
     hlo = _lowered_step(on(platform), *overrides)
+    splash = sorted({m.group(1) for m in SPLASH.finditer(hlo)})
     if platform == "cuda":  # fused flash attention, forward and backward
         assert f"{CUDNN}Softmax(" in hlo and f"{CUDNN}SoftmaxBackward(" in hlo
-    else:
+        assert splash == []
+    else:  # the Pallas splash kernels: forward, dq and dk/dv
         assert CUDNN not in hlo
+        assert splash == ["splash_mha_dkv_no_residuals", "splash_mha_dq_no_residuals",
+                          "splash_mha_fwd_residuals"]  # fmt: skip
     found = matmuls(hlo)
     assert len(found) >= 8, found  # the model's matmuls are there to check
     assert _fp32_matmuls(hlo) == []
@@ -102,7 +108,7 @@ def test_prefill_and_decode_lower_with_the_platforms_attention(on, platform):
     cfg = _config().model
     model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    size = 32
+    size = 128
 
     def prefill(state, tokens_BP):
         return kv_cache.prefill(nnx.merge(graphdef, state), tokens_BP, size)
@@ -110,10 +116,11 @@ def test_prefill_and_decode_lower_with_the_platforms_attention(on, platform):
     def decode(state, cache, tok_B1, pos_B1):
         return kv_cache.forward_cached(nnx.merge(graphdef, state), cache, tok_B1, pos_B1)
 
-    tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((2, 128), jnp.int32)
     lowered = jax.jit(prefill).trace(state, tokens).lower(lowering_platforms=(platform,))
     hlo = lowered.as_text()
     assert (f"{CUDNN}Softmax(" in hlo) == (platform == "cuda")
+    assert (SPLASH.search(hlo) is not None) == (platform == "tpu")
     assert _fp32_matmuls(hlo) == []
     cache = jax.eval_shape(prefill, state, tokens)[1]
     one = jax.ShapeDtypeStruct((2, 1), jnp.int32)

@@ -140,8 +140,10 @@ def test_auto_rule_and_auto_matches_xla():
         rule = functools.partial(resolve_impl, "auto", f32, target=target)
         assert rule(seq_len=t_min - 1, window=None) == "xla"
         assert rule(seq_len=t_min - 1, window=8) == "xla"
-        assert rule(seq_len=4096, window=256) == "blocked"
-        assert rule(seq_len=t_long, window=None) == "blocked"
+        assert rule(seq_len=4000, window=256) == "blocked"
+        assert rule(seq_len=t_long + 1, window=None) == "blocked"
+        long = "splash" if target.platform == "tpu" else "blocked"  # T a multiple of 128
+        assert rule(seq_len=4096, window=256) == rule(seq_len=t_long, window=None) == long
     # CPU (measured): chunked while a query sees at most the span limit of keys, then blocked.
     span = attention.AUTO_CHUNKED_MAX_SPAN
     cpu = functools.partial(resolve_impl, "auto", f32, target=Target("cpu"))
@@ -156,7 +158,7 @@ def test_auto_rule_and_auto_matches_xla():
     assert resolve_impl("auto", bf16, seq_len=4096, window=None, target=h100) == "cudnn"
     assert resolve_impl("auto", bf16, head_dim=160, target=h100) == "xla"
     assert resolve_impl("auto", bf16) == "chunked"  # no GPU here, so never cudnn
-    for impl in ("xla", "chunked", "blocked", "cudnn"):
+    for impl in ("xla", "chunked", "blocked", "cudnn", "splash"):
         assert resolve_impl(impl, jnp.float32) == impl
     t, w = attention.AUTO_BLOCKED_MIN_T, 16
     assert resolve_impl("auto", jnp.float32, seq_len=t, window=w) == "chunked"
@@ -172,7 +174,7 @@ def test_explicit_mask_runs_on_xla_for_every_impl():
         (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 4), (2, 12, 12)
     )
     want = xla_attention(q, k, v, window=4)
-    for impl in ("xla", "chunked", "blocked", "cudnn", "auto"):
+    for impl in ("xla", "chunked", "blocked", "cudnn", "splash", "auto"):
         got = dot_product_attention(q, k, v, window=None, impl=impl, mask_BTS=mask_BTS)
         _assert_close(got, want)
 
@@ -194,6 +196,7 @@ def test_cudnn_refused_on_cpu_with_the_fix():
 def test_bench_cli_refuses_cudnn_and_bad_flags(capsys):
     for argv in (
         ["--impls", "cudnn"],
+        ["--impls", "splash"],
         ["--impls", "flash"],
         ["--windows", "0"],
         ["--seq-lens", "1k"],

@@ -66,11 +66,14 @@ def _scale(compiler: Path, tmp_path: Path, target: str, *argv: str) -> dict:
     return record
 
 
-def test_tiny_step_compiles_for_a_v5e_slice_on_a_data_fsdp_mesh(libtpu, tmp_path):
-    r = _scale(libtpu, tmp_path, "tpu:v5e:2x2", "--configs", "tiny", "--mesh", "data=2,fsdp=2")
+def test_tiny_step_compiles_for_a_v5e_slice_with_splash_attention(libtpu, tmp_path):
+    # T 128, a multiple of the kernel's 128-wide blocks: auto takes the Pallas splash kernel,
+    # inside a shard_map over data x fsdp, and XLA's TPU compiler builds it (head dim 16).
+    r = _scale(libtpu, tmp_path, "tpu:v5e:2x2", "--configs", "tiny", "--mesh", "data=2,fsdp=2",
+               "--seq-len", "128")  # fmt: skip
     assert r["device"] == "TPU v5 lite" and r["hbm_bytes"] == 16 * 2**30 and r["fits"] is True
     assert r["mesh"] == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 1}
-    assert r["attention_impl"] == "xla"  # auto on a TPU: never cuDNN, and not the CPU's paths
+    assert r["attention_impl"] == "splash" and "tpu_custom_call" in r["custom_calls"]
     assert 0 < r["peak_bytes"] < 2**30 and r["compile_s"] > 0
     assert r["flops_analytic"] > 0
 

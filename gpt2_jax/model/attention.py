@@ -13,16 +13,19 @@ Implementations (`model.attention_impl`):
 - `cudnn`: cuDNN flash attention via `jax.nn.dot_product_attention(implementation="cudnn")`
   with `local_window_size`; CUDA with compute capability >= 8.0 (Ampere or newer) and bf16/fp16
   only, refused elsewhere (ROCm and TPU have no lowering for it; older NVIDIA cards no kernel).
-- `auto`: `cudnn` where it can run, with head dim a multiple of 8 up to 128. On CPU,
+- `splash`: `gpt2_jax.ops.splash_attention`, jax's Pallas splash (flash) kernel for TPU, with
+  T a multiple of 128; refused on other platforms (tests run its kernel in interpret mode).
+- `auto`: `cudnn` where it can run, with head dim a multiple of 8 up to 128; `splash` on a
+  TPU where it applies (`splash_attention.supported`: T a multiple of 128). On CPU,
   `chunked` when each query sees at most AUTO_CHUNKED_MAX_SPAN keys (min(T, w)), else
   `blocked`. Measured on a 2-core CPU (BENCHMARKS.md), fwd+bwd: `chunked` is 3-4x
   faster than `xla` at T = 256 to 1024 and within 1.4x of torch SDPA; with w = 256 it is
   1.4-1.8x faster than `blocked` at T = 8192 and linear in T. Past the span limit its saved
   probabilities (B·N·span fp32 per query) outgrow what a training step should hold, so the
-  recomputing `blocked` path takes over. Elsewhere (not measured) `blocked` only when
-  T >= AUTO_BLOCKED_MIN_T and either there is a window with w <= T / AUTO_WINDOW_RATIO
-  (the masked T×T work is mostly wasted) or T >= AUTO_LONG_T (the T×T scores stop fitting
-  comfortably in memory); `xla` otherwise.
+  recomputing `blocked` path takes over. Elsewhere (not measured; a TPU too where T is no
+  multiple of 128) `blocked` only when T >= AUTO_BLOCKED_MIN_T and either there is a window
+  with w <= T / AUTO_WINDOW_RATIO (the masked T×T work is mostly wasted) or T >= AUTO_LONG_T
+  (the T×T scores stop fitting comfortably in memory); `xla` otherwise.
 
 An explicit boolean `mask_BTS` (KV-cache decoding, queries and keys at different positions)
 always runs on the `xla` path.
@@ -39,6 +42,8 @@ from gpt2_jax.config import ATTENTION_IMPLS as IMPLS
 from gpt2_jax.errors import UserError
 from gpt2_jax.ops.blocked_attention import DEFAULT_BLOCK, blocked_attention
 from gpt2_jax.ops.chunked_attention import chunked_attention
+from gpt2_jax.ops.splash_attention import splash_attention
+from gpt2_jax.ops.splash_attention import supported as splash_supported
 from gpt2_jax.parallel import sharding
 
 AUTO_CHUNKED_MAX_SPAN = 1024
@@ -116,6 +121,8 @@ def resolve_impl(
     head_ok = head_dim is None or (head_dim % 8 == 0 and head_dim <= 128)
     if cudnn_supported(target, dtype) and head_ok:
         return "cudnn"
+    if target.platform == "tpu" and seq_len is not None and splash_supported(seq_len):
+        return "splash"
     if target.platform == "cpu":
         span = seq_len if window is None or seq_len is None else min(seq_len, window)
         return "chunked" if span is None or span <= AUTO_CHUNKED_MAX_SPAN else "blocked"
@@ -163,6 +170,17 @@ def require_cudnn(dtype: jnp.dtype, target: Target | None = None) -> None:
         )
 
 
+def require_splash(target: Target | None = None) -> None:
+    """Raise a UserError unless `target` (default: this device) is a TPU, where the splash
+    kernel compiles (elsewhere only Pallas's interpreter runs it: tests call it directly)."""
+    target = device_target() if target is None else Target(*target)
+    if target.platform != "tpu":
+        raise UserError(
+            f"attention_impl=splash needs a TPU (a Pallas TPU kernel), got {_describe(target)}; "
+            f"use attention_impl=auto"
+        )
+
+
 def cudnn_attention(
     q_BTNH: jax.Array,
     k_BTKH: jax.Array,
@@ -193,7 +211,7 @@ def dot_product_attention(
     """Causal attention over the same positions for q and k (or an explicit mask).
 
     `block` is the tile size of the `blocked` path and is ignored by the others. `target` is
-    the device `auto` and `cudnn` decide for (default: `device_target()`).
+    the device `auto`, `cudnn` and `splash` decide for (default: `device_target()`).
     """
     B, T, N, H = q_BTNH.shape
     if window is not None and window <= 0:
@@ -204,6 +222,9 @@ def dot_product_attention(
         return xla_attention(q_BTNH, k_BSKH, v_BSKH, window=window, mask_BTS=mask_BTS)
     if impl == "cudnn":
         return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, window=window, target=target)
+    if impl == "splash":
+        require_splash(target)
+        return splash_attention(q_BTNH, k_BSKH, v_BSKH, window=window)
     if impl == "chunked":
         return chunked_attention(q_BTNH, k_BSKH, v_BSKH, window=window)
     return blocked_attention(q_BTNH, k_BSKH, v_BSKH, window=window, block=block)
