@@ -4,8 +4,9 @@
         [--new-tokens 256] [--out FILE] [--smoke]
 
 Prints, in bf16 on the first device:
-1. attention: cuDNN (GPU) against xla, outputs and gradients, full and windowed (w 256), GQA
-   (12 query heads, 4 K/V heads, head dim 64): max relative difference and fwd+bwd time each;
+1. attention: the platform's flash kernel (cuDNN on a GPU, Pallas splash on a TPU) against
+   xla, outputs and gradients, full and windowed (w 256), GQA (12 query heads, 4 K/V heads,
+   head dim 64): max relative difference and fwd+bwd time each;
 2. GPT-2 124M training at T = seq_len: tok/s, MFU, the compiled step's peak memory, its
    compile time and the attention / MoE paths `auto` chose and the kernels (custom calls) the
    program makes, for unrolled vs scanned layers and full vs chunked loss (4 rows, one
@@ -173,9 +174,13 @@ def run(args) -> dict:
                                   grad_accum=1),
     )  # fmt: skip
     from gpt2_jax.model.attention import cudnn_supported, device_target
+    from gpt2_jax.ops import splash_attention
 
-    cudnn = cudnn_supported(device_target(), "bfloat16")  # CUDA, compute capability >= 8.0
-    impl = "cudnn" if cudnn else "chunked" if args.smoke else None
+    target = device_target()
+    cudnn = cudnn_supported(target, "bfloat16")  # CUDA, compute capability >= 8.0
+    # The platform's flash kernel: cuDNN on CUDA, Pallas splash on TPU (T a multiple of 128).
+    tpu = target.platform == "tpu" and splash_attention.supported(args.seq_len)
+    impl = "cudnn" if cudnn else "splash" if tpu else "chunked" if args.smoke else None
     device = jax.devices()[0].device_kind
     print(f"bench accel on {device} ({backend}), {name}, bf16", file=sys.stderr, flush=True)
     report = {"device": device, "backend": backend, "config": name, "smoke": args.smoke}
@@ -198,7 +203,7 @@ def table(report: dict) -> str:
             lines.append(f"  {r['impl']:<8} {str(r['window']):>6} {diffs} {r['ms']:7.2f} "
                          f"{r['xla_ms']:7.2f}")  # fmt: skip
     else:
-        lines.append("attention: no cuDNN on this backend")
+        lines.append("attention: no flash kernel (cuDNN, splash) on this backend")
     lines.append("training: layout   loss      tok/s     MFU   compiled peak GB  compile s  "
                  "attention")  # fmt: skip
     for r in report["training"]:
