@@ -168,6 +168,9 @@ def run(args) -> list[dict]:
                     loss_impl=impl, remat=remat or base.train.remat,
                 )  # fmt: skip
                 cfg = dataclasses.replace(base, model=model, train=train)
+                # A TPU compile of a GPT-2 size takes about 40 s on 2 cores: say what runs.
+                print(f"compiling {name} {layout} {impl} for {device} ...", file=sys.stderr,
+                      flush=True)  # fmt: skip
                 rec = {"config": name, "layout": layout, "loss_impl": impl,
                        "batch_size": args.batch_size, "seq_len": args.seq_len,
                        "mesh": args.mesh, "remat": train.remat, "dtype": args.dtype,

@@ -13,8 +13,10 @@ def test_each_layout_and_loss_asked_for_is_compiled_and_measured(tmp_path, capsy
     out = tmp_path / "scale.json"
     argv = ["--configs", "tiny", "--batch-size", "2", "--seq-len", "16", "--out", str(out)]
     assert scale.main([*argv, "--json", "--loss-impls", "chunked"]) == 0
-    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
     assert json.loads(out.read_text()) == records
+    assert "compiling tiny unrolled chunked for cpu ..." in captured.err  # before each compile
     assert [(r["layout"], r["loss_impl"]) for r in records] == [
         ("unrolled", "chunked"), ("scanned", "chunked")
     ]  # fmt: skip
