@@ -15,6 +15,7 @@ Where either is installed, `JAX_PLATFORMS=cpu` keeps jax itself from looking for
 
 from __future__ import annotations
 
+import os
 import re
 
 from gpt2_jax.errors import UserError
@@ -119,6 +120,9 @@ def devices(platform: str, name: str) -> list:
                 platform="cuda", topology=f"1x{hosts}x{per_host}", target_config=target_config(spec)
             )
         else:
+            # libtpu takes a machine-wide lock on load, so a second process (another compile,
+            # a TPU job) would stop this one; compiling opens no chip, so share the library.
+            os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
             try:
                 topology = topologies.get_topology_desc(topology_name=name, platform=platform)
             except Exception:  # a slice smaller than a host (v5e:1x1): it is all one host's
