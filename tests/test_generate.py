@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -60,10 +61,12 @@ def test_cached_decoding_matches_full_recomputation(name, temperature):
     full = np.asarray(_full_forward(model, jnp.asarray(seq[:, :-1])))[:, PROMPT_LEN - 1 :]
     np.testing.assert_allclose(logits, full, atol=1e-5, rtol=0)
     positions = np.arange(PROMPT_LEN, seq.shape[1])
-    redrawn = [
-        np.asarray(sample(jnp.asarray(full[:, i]), step_keys(keys, jnp.full(2, p)), temperature))
-        for i, p in enumerate(positions)
-    ]
+
+    @jax.jit  # one compile for every position (eagerly, each position's constants compiled)
+    def redraw(logits_BV, position):
+        return sample(logits_BV, step_keys(keys, jnp.full(2, position)), temperature)
+
+    redrawn = [np.asarray(redraw(full[:, i], p)) for i, p in enumerate(positions)]
     np.testing.assert_array_equal(tokens, np.stack(redrawn, 1))
     if temperature > 0:  # (greedy text from random weights settles on one token)
         assert len(np.unique(tokens)) > 10
