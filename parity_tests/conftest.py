@@ -3,9 +3,28 @@
 import os
 from pathlib import Path
 
+import pytest
+
 _cache = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
 if _cache.is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_cache))
+
+
+def pytest_sessionfinish(session):
+    """On a pytest-xdist worker, hand this worker's worst cases to the controller."""
+    from parity_tests.common import WORST
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["parity_worst"] = dict(WORST)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """On the controller: merge a finished worker's worst cases (pytest-xdist hook)."""
+    from parity_tests.common import record
+
+    for check, value in getattr(node, "workeroutput", {}).get("parity_worst", {}).items():
+        record(check, value)
 
 
 def pytest_terminal_summary(terminalreporter):
