@@ -15,7 +15,8 @@ def pytest_sessionfinish(session):
     from parity_tests.common import WORST
 
     if hasattr(session.config, "workeroutput"):
-        session.config.workeroutput["parity_worst"] = dict(WORST)
+        # plain floats: execnet sends only builtin types (some figures are numpy scalars)
+        session.config.workeroutput["parity_worst"] = {k: float(v) for k, v in WORST.items()}
 
 
 @pytest.hookimpl(optionalhook=True)
