@@ -89,9 +89,8 @@ def training(cfg, steps: int) -> list[dict]:
     import jax
     import numpy as np
 
-    from gpt2_jax.model.gpt import count_params
     from gpt2_jax.parallel.sharding import make_mesh
-    from gpt2_jax.training.metrics import flops_per_token, peak_flops_per_device
+    from gpt2_jax.training.metrics import peak_flops_per_device
     from gpt2_jax.training.step import Trainer
 
     t = cfg.train
@@ -111,8 +110,10 @@ def training(cfg, steps: int) -> list[dict]:
             step = trainer.step.lower(state, x, y).compile()  # the one compile, also timed
             compile_s = time.perf_counter() - t0
             mem = step.memory_analysis()
-            n = count_params(trainer.model(state.params), matmul_only=True)
-            flops_step = flops_per_token(model_cfg, n, t.seq_len) * t.batch_size * t.seq_len
+            # paths auto chose, kernels, analytic FLOPs per step: as bench scale reports them
+            paths = scale.paths_and_flops(
+                dataclasses.replace(cfg, model=model_cfg, train=train_cfg), mesh, step
+            )
             state, m = step(state, x, y)  # warm-up
             jax.block_until_ready(m)
             t0 = time.perf_counter()
@@ -120,15 +121,13 @@ def training(cfg, steps: int) -> list[dict]:
                 state, m = step(state, x, y)
             jax.block_until_ready(m)
             sec = (time.perf_counter() - t0) / steps
-            paths = scale.paths_and_flops(
-                dataclasses.replace(cfg, model=model_cfg, train=train_cfg), mesh, step
-            )
             rows.append({
                 "layout": layout, "loss_impl": loss, "compile_s": compile_s,
                 "attention_impl": paths["attention_impl"], "moe_impl": paths["moe_impl"],
                 "custom_calls": paths["custom_calls"], "step_ms": 1e3 * sec,
                 "tokens_per_sec": t.batch_size * t.seq_len / sec,
-                "mfu": flops_step / sec / peak, "peak_flops": peak, "peak_source": peak_source,
+                "mfu": paths["flops_analytic"] / sec / peak, "peak_flops": peak,
+                "peak_source": peak_source,
                 "compiled_peak_bytes": mem.argument_size_in_bytes + mem.output_size_in_bytes
                 - mem.alias_size_in_bytes + mem.temp_size_in_bytes,
                 "loss": float(m["loss"]),
@@ -173,14 +172,12 @@ def run(args) -> dict:
         train=dataclasses.replace(cfg.train, batch_size=args.batch_size, seq_len=args.seq_len,
                                   grad_accum=1),
     )  # fmt: skip
-    from gpt2_jax.model.attention import cudnn_supported, device_target
-    from gpt2_jax.ops import splash_attention
+    from gpt2_jax.model.attention import resolve_impl
 
-    target = device_target()
-    cudnn = cudnn_supported(target, "bfloat16")  # CUDA, compute capability >= 8.0
-    # The platform's flash kernel: cuDNN on CUDA, Pallas splash on TPU (T a multiple of 128).
-    tpu = target.platform == "tpu" and splash_attention.supported(args.seq_len)
-    impl = "cudnn" if cudnn else "splash" if tpu else "chunked" if args.smoke else None
+    # The platform's flash kernel where `auto` takes one (cuDNN on CUDA, splash on TPU) for
+    # the checked shape (head dim 64, T = seq_len).
+    impl = resolve_impl("auto", "bfloat16", seq_len=args.seq_len, head_dim=64)
+    impl = impl if impl in ("cudnn", "splash") else "chunked" if args.smoke else None
     device = jax.devices()[0].device_kind
     print(f"bench accel on {device} ({backend}), {name}, bf16", file=sys.stderr, flush=True)
     report = {"device": device, "backend": backend, "config": name, "smoke": args.smoke}

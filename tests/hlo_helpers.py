@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import re
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.model.gpt import GPT, cross_entropy
+
+CUDNN_CALL = "__cudnn$fmha"  # cuDNN fused attention's custom calls: ...Softmax, ...Backward
+_SPLASH_CALL = re.compile(r'@tpu_custom_call\(.*kernel_name = "(splash_\w+)"')
+
 # `stablehlo.dot_general` and `chlo.ragged_dot`, with the operand and result types.
 _MATMUL = re.compile(r"(stablehlo\.dot_general|chlo\.ragged_dot).*: \((.*)\) -> (tensor<\S+>)")
 _TENSOR = re.compile(r"tensor<((?:\d+x)*)(\w+)>")
@@ -39,3 +49,23 @@ def matmuls(hlo: str) -> list[tuple[str, list[tuple[tuple[int, ...], str]]]]:
 def float_types(operands) -> set[str]:
     """The floating element types among `operands` (integer operands left out)."""
     return {dtype for _, dtype in operands if not dtype.startswith(("i", "ui"))}
+
+
+def splash_kernels(hlo: str) -> list[str]:
+    """The Pallas splash kernels the module calls, one entry per call, sorted."""
+    return sorted(m.group(1) for m in _SPLASH_CALL.finditer(hlo))
+
+
+def lowered_loss_grad(cfg: ModelConfig, platform: str, batch: int = 2) -> str:
+    """StableHLO of `cfg`'s loss gradient over [batch, max_seq_len] tokens, lowered for
+    `platform` from abstract weights."""
+    graphdef, params, rest = nnx.split(
+        nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...
+    )
+
+    def loss(p, tokens_BT):
+        return cross_entropy(nnx.merge(graphdef, p, rest)(tokens_BT[:, :-1]), tokens_BT[:, 1:])
+
+    tokens = jax.ShapeDtypeStruct((batch, cfg.max_seq_len + 1), jnp.int32)
+    lowered = jax.jit(jax.grad(loss)).trace(params, tokens).lower(lowering_platforms=(platform,))
+    return lowered.as_text()

@@ -5,7 +5,6 @@ the kernels `auto` picks for the platform, and matmuls that keep bf16 operands i
 
 from __future__ import annotations
 
-import re
 import types
 
 import jax
@@ -18,10 +17,8 @@ from gpt2_jax.decode import kv_cache
 from gpt2_jax.model.gpt import GPT
 from gpt2_jax.parallel import sharding
 from gpt2_jax.training.step import Trainer
-from tests.hlo_helpers import float_types, matmuls
+from tests.hlo_helpers import CUDNN_CALL, float_types, matmuls, splash_kernels
 
-CUDNN = "__cudnn$fmha"
-SPLASH = re.compile(r'@tpu_custom_call\(.*kernel_name = "(splash_\w+)"')
 H100 = types.SimpleNamespace(
     platform="gpu", client=types.SimpleNamespace(platform_version="cuda 13000"),
     compute_capability="9.0",
@@ -75,12 +72,12 @@ STEPS = [
 @pytest.mark.parametrize(("platform", "overrides"), STEPS, ids=lambda v: str(v)[:40])
 def test_train_step_kernels_and_bf16_matmuls(on, platform, overrides):
     hlo = _lowered_step(on(platform), *overrides)
-    splash = sorted({m.group(1) for m in SPLASH.finditer(hlo)})
+    splash = sorted(set(splash_kernels(hlo)))
     if platform == "cuda":  # fused flash attention, forward and backward
-        assert f"{CUDNN}Softmax(" in hlo and f"{CUDNN}SoftmaxBackward(" in hlo
+        assert f"{CUDNN_CALL}Softmax(" in hlo and f"{CUDNN_CALL}SoftmaxBackward(" in hlo
         assert splash == []
     else:  # the Pallas splash kernels: forward, dq and dk/dv
-        assert CUDNN not in hlo
+        assert CUDNN_CALL not in hlo
         assert splash == ["splash_mha_dkv_no_residuals", "splash_mha_dq_no_residuals",
                           "splash_mha_fwd_residuals"]  # fmt: skip
     found = matmuls(hlo)
@@ -119,12 +116,12 @@ def test_prefill_and_decode_lower_with_the_platforms_attention(on, platform):
     tokens = jax.ShapeDtypeStruct((2, 128), jnp.int32)
     lowered = jax.jit(prefill).trace(state, tokens).lower(lowering_platforms=(platform,))
     hlo = lowered.as_text()
-    assert (f"{CUDNN}Softmax(" in hlo) == (platform == "cuda")
-    assert (SPLASH.search(hlo) is not None) == (platform == "tpu")
+    assert (f"{CUDNN_CALL}Softmax(" in hlo) == (platform == "cuda")
+    assert (splash_kernels(hlo) != []) == (platform == "tpu")
     assert _fp32_matmuls(hlo) == []
     cache = jax.eval_shape(prefill, state, tokens)[1]
     one = jax.ShapeDtypeStruct((2, 1), jnp.int32)
     hlo = jax.jit(decode).trace(state, cache, one, one).lower(lowering_platforms=(platform,))
     hlo = hlo.as_text()
-    assert CUDNN not in hlo  # one query over a masked cache: the xla path on every platform
+    assert CUDNN_CALL not in hlo  # one query over a masked cache: the xla path on every platform
     assert _fp32_matmuls(hlo) == []

@@ -8,15 +8,13 @@ import types
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import attention
 from gpt2_jax.model.attention import Target, require_cudnn, resolve_impl
-from gpt2_jax.model.gpt import GPT, cross_entropy
+from tests.hlo_helpers import CUDNN_CALL, lowered_loss_grad
 
-CUDNN_CALL = "__cudnn$fmha"
 SHAPE = {"seq_len": 1024, "window": None, "head_dim": 64}  # a GPT-2 layer
 
 
@@ -96,20 +94,7 @@ def _lowered_train_grad(platform: str, impl: str = "auto") -> str:
         vocab_size=64, n_layer=1, n_head=2, n_embd=32, max_seq_len=16, dtype="bfloat16",
         attention_impl=impl,
     )  # fmt: skip
-    graphdef, params, rest = nnx.split(
-        nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...
-    )
-
-    def loss(p, tokens_BT):
-        return cross_entropy(nnx.merge(graphdef, p, rest)(tokens_BT[:, :-1]), tokens_BT[:, 1:])
-
-    tokens = jax.ShapeDtypeStruct((2, 17), jnp.int32)
-    return (
-        jax.jit(jax.grad(loss))
-        .trace(params, tokens)
-        .lower(lowering_platforms=(platform,))
-        .as_text()
-    )
+    return lowered_loss_grad(cfg, platform)
 
 
 def test_train_step_lowers_with_cudnn_on_h100_and_without_on_rocm_and_v100(on_device):

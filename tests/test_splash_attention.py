@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,19 +18,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
 from gpt2_jax.config import MeshConfig, ModelConfig
 from gpt2_jax.errors import UserError
 from gpt2_jax.model import attention
 from gpt2_jax.model.attention import Target, dot_product_attention, resolve_impl, xla_attention
-from gpt2_jax.model.gpt import GPT, cross_entropy
 from gpt2_jax.ops import splash_attention as splash
 from gpt2_jax.parallel import sharding
+from tests.hlo_helpers import CUDNN_CALL, lowered_loss_grad, splash_kernels
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # max abs difference from xla_attention in fp32 (measured up to about 5e-6)
-SPLASH_CALL = re.compile(r'@tpu_custom_call\(.*kernel_name = "(splash_\w+)"')
 
 
 def _inputs(B: int, T: int, N: int, K: int, H: int = 64) -> tuple[jax.Array, ...]:
@@ -122,16 +119,7 @@ def _lowered_train_grad(window: int | None) -> str:
         vocab_size=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=128,
         dtype="bfloat16", attention_impl="auto", attention_window=window,
     )  # fmt: skip
-    graphdef, params, rest = nnx.split(
-        nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...
-    )
-
-    def loss(p, tokens_BT):
-        return cross_entropy(nnx.merge(graphdef, p, rest)(tokens_BT[:, :-1]), tokens_BT[:, 1:])
-
-    tokens = jax.ShapeDtypeStruct((2, 129), jnp.int32)
-    lowered = jax.jit(jax.grad(loss)).trace(params, tokens).lower(lowering_platforms=("tpu",))
-    return lowered.as_text()
+    return lowered_loss_grad(cfg, "tpu")
 
 
 @pytest.mark.parametrize("window", [None, 32], ids=["causal", "window"])
@@ -140,10 +128,9 @@ def test_train_grad_lowers_to_the_splash_kernels_for_tpu(monkeypatch, window):
     # being traced for a TPU, as it is under a compile-only TPU mesh (benchmarks scale).
     monkeypatch.setattr(attention, "device_target", lambda device=None: Target("tpu"))
     hlo = _lowered_train_grad(window)
-    kernels = sorted(m.group(1) for m in SPLASH_CALL.finditer(hlo))
-    assert kernels == ["splash_mha_dkv_no_residuals", "splash_mha_dq_no_residuals",
+    assert splash_kernels(hlo) == ["splash_mha_dkv_no_residuals", "splash_mha_dq_no_residuals",
                        "splash_mha_fwd_residuals"]  # fmt: skip
-    assert "__cudnn$fmha" not in hlo
+    assert CUDNN_CALL not in hlo
 
 
 MESHES = {  # name: (mesh, N, K); 8 devices each
