@@ -88,7 +88,15 @@ def measure(cfg, mesh) -> dict:
     )  # fmt: skip
     batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32,
                                  sharding=trainer.batch_sharding)  # fmt: skip
-    lowered = trainer.step.lower(state, batch, batch)
+    try:
+        lowered = trainer.step.lower(state, batch, batch)
+    except RuntimeError as e:  # cuDNN attention loads cuDNN's library to trace
+        if "cuDNN not found" not in str(e):
+            raise
+        raise UserError(
+            "cuDNN attention needs cuDNN's library to compile, and it is not installed; pip "
+            "install 'gpt2-jax[compile]' (nvidia-cudnn-cu13), or pass --dtype float32 (no cuDNN)"
+        ) from None
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
